@@ -1,0 +1,1 @@
+"""synthfactory: recipe -> generated shards -> validated, versioned release."""

@@ -1,0 +1,21 @@
+"""Generator plug-ins: each module in this package registers one generator."""
+
+from synthfactory.generators.base import (
+    GENERATORS,
+    Generator,
+    GeneratorParams,
+    Rejection,
+    Sample,
+    SampleSlot,
+    TransientGeneratorError,
+)
+
+__all__ = [
+    "GENERATORS",
+    "Generator",
+    "GeneratorParams",
+    "Rejection",
+    "Sample",
+    "SampleSlot",
+    "TransientGeneratorError",
+]
