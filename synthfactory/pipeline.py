@@ -1,0 +1,160 @@
+"""The release stages as plain functions; flows/ and tasks/ only orchestrate them.
+
+build_shard: generate one shard's samples and write the tar + manifest fragments.
+assemble: merge fragments into the release's manifest, rejected list and metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from synthfactory.generators import GENERATORS, Generator, Rejection, SampleSlot, TransientGeneratorError
+from synthfactory.recipe import Recipe
+from synthfactory.shards import (
+    REJECTED_SCHEMA,
+    ShardPlan,
+    fragment_path,
+    manifest_schema,
+    sample_key,
+    sample_seed,
+    write_shard,
+)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    index: int
+    name: str
+    samples: int
+    rejected: int
+    bytes: int
+    seconds: float
+    attempt: int
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_generator(kind: str, params_json: str) -> Generator:
+    """One generator (and so one model load) per worker process and recipe."""
+    cls = GENERATORS.get(kind)
+    return cls(cls.Params.model_validate_json(params_json))
+
+
+def generator_for(recipe: Recipe) -> Generator:
+    return _cached_generator(recipe.generator.kind, json.dumps(recipe.generator.params, sort_keys=True))
+
+
+def build_shard(
+    recipe: Recipe, plan: ShardPlan, shards_dir: Path, fragments_dir: Path, attempt: int = 1
+) -> ShardResult:
+    """Generate samples [plan.start, plan.stop) and write them as one shard."""
+    faults = recipe.faults
+    if attempt <= faults.fail_attempts and (faults.shards is None or plan.index in faults.shards):
+        raise TransientGeneratorError(f"injected fault: shard {plan.index} attempt {attempt}")
+    started = time.perf_counter()
+    generator = generator_for(recipe)
+    slots = [SampleSlot(i, sample_key(i), sample_seed(recipe.seed, i)) for i in range(plan.start, plan.stop)]
+    samples, rejections = [], []
+    for item in generator.generate(slots):
+        (rejections if isinstance(item, Rejection) else samples).append(item)
+    if len(samples) + len(rejections) != len(slots):
+        raise RuntimeError(
+            f"generator {recipe.generator.kind} returned {len(samples) + len(rejections)} results for {len(slots)} slots"
+        )
+    path = shards_dir / plan.name
+    write_shard(path, fragments_dir, samples, rejections, type(generator))
+    return ShardResult(
+        index=plan.index,
+        name=plan.name,
+        samples=len(samples),
+        rejected=len(rejections),
+        bytes=path.stat().st_size,
+        seconds=time.perf_counter() - started,
+        attempt=attempt,
+    )
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What the run did, as reported to the user and in metrics.json."""
+
+    seconds: float
+    shards: int
+    retries: int
+
+    def as_dict(self, samples: int) -> dict[str, Any]:
+        return {**asdict(self), "samples_per_s": round(samples / self.seconds, 1) if self.seconds else None}
+
+
+def assemble(recipe: Recipe, fragments_dir: Path, results: list[ShardResult], stage_dir: Path) -> pa.Table:
+    """Merge shard fragments into stage_dir/{manifest,rejected}.parquet; return the manifest."""
+    ordered = sorted(results, key=lambda r: r.index)
+    schema = manifest_schema(type(generator_for(recipe)))
+    manifest = pa.concat_tables(
+        [pq.read_table(fragment_path(fragments_dir, r.name, "manifest"), schema=schema) for r in ordered]
+    ) if ordered else schema.empty_table()
+    rejected = pa.concat_tables(
+        [pq.read_table(fragment_path(fragments_dir, r.name, "rejected"), schema=REJECTED_SCHEMA) for r in ordered]
+    ) if ordered else REJECTED_SCHEMA.empty_table()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(manifest, stage_dir / "manifest.parquet", compression="zstd")
+    pq.write_table(rejected, stage_dir / "rejected.parquet", compression="zstd")
+    return manifest
+
+
+def dataset_metrics(recipe: Recipe, manifest: pa.Table, rejected: int) -> dict[str, Any]:
+    """Figures that `dvc metrics show/diff` compares between releases."""
+    planned = recipe.samples
+    captions = manifest.column("caption")
+    lengths = pc.utf8_length(captions)
+    metrics: dict[str, Any] = {
+        "samples": manifest.num_rows,
+        "planned": planned,
+        "shards": recipe.shard_count,
+        "rejected": rejected,
+        "accept_rate": round(manifest.num_rows / planned, 4),
+        "bytes": int(pc.sum(manifest.column("bytes")).as_py() or 0),
+        "caption_length_mean": round(pc.mean(lengths).as_py() or 0.0, 2),
+        "distinct_caption_ratio": round(pc.count_distinct(captions).as_py() / max(1, manifest.num_rows), 4),
+    }
+    if "label" in manifest.column_names:
+        counts = Counter(manifest.column("label").to_pylist())
+        total = sum(counts.values()) or 1
+        shares = {label: counts[label] / total for label in sorted(counts)}
+        entropy = -sum(s * math.log(s) for s in shares.values() if s > 0)
+        metrics["label_entropy_norm"] = round(entropy / math.log(len(shares)), 4) if len(shares) > 1 else 0.0
+        metrics["label_share_min"] = round(min(shares.values()), 4) if shares else 0.0
+        metrics["label_share_max"] = round(max(shares.values()), 4) if shares else 0.0
+        metrics["labels"] = {label: counts[label] for label in sorted(counts)}
+    return metrics
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def move_into(stage_dir: Path, release_dir: Path) -> None:
+    """Move each staged entry into the release dir, replacing the previous release's copy.
+
+    Entries are renamed (same filesystem), and files the stage does not produce, such as
+    DVC's .gitignore, are left alone.
+    """
+    release_dir.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(stage_dir.iterdir()):
+        target = release_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        entry.rename(target)
