@@ -1,0 +1,281 @@
+"""Release gate: validate a release manifest with Great Expectations and render Data Docs.
+
+The gate runs real GX 1.x Checkpoints against two in-memory tables: the manifest itself
+and `label_balance`, a per-label summary derived from it (GX expectations work per row or
+per column, so "every class holds ~1/k of the rows" needs a table with one row per class).
+Everything GX writes goes to `report_dir`: the HTML Data Docs site (`index.html` at its
+top) and `result.json` with the raw validation results.
+
+GX is imported lazily: importing it takes seconds, so the flow calls `prefetch_gx()` at
+start and the import overlaps generation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pandas as pd
+
+MANIFEST_TABLE = "manifest"
+BALANCE_TABLE = "label_balance"
+DOCS_SITE = "release_gate"
+_EXAMPLES_SHOWN = 3
+
+# One lock for the GX import and for each validation run: the import must not race a
+# prefetch thread, and get_context() sets a process-wide "current" context.
+_GX_LOCK = threading.RLock()
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What a release must satisfy; built by the caller from the recipe."""
+
+    expected_rows: tuple[int, int]
+    caption_length: tuple[int, int]
+    image_size: tuple[int, int] | None
+    label_set: tuple[str, ...] | None
+    balance_tolerance: float | None
+    required_columns: tuple[str, ...]
+    unique_columns: tuple[str, ...] = ("key", "sha256")
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    """One GX expectation result, flattened for logs and summaries."""
+
+    expectation: str
+    table: str
+    column: str | None
+    success: bool
+    unexpected_count: int | None
+    element_count: int | None
+    observed: str
+
+    def describe(self) -> str:
+        where = f"{self.table}.{self.column}" if self.column else self.table
+        verdict = "passed" if self.success else "failed"
+        return f"{where}: {self.expectation} {verdict} — {self.observed}"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's verdict and every outcome; report_dir holds index.html and result.json."""
+
+    success: bool
+    outcomes: tuple[ExpectationOutcome, ...]
+    report_dir: Path
+
+    @property
+    def failures(self) -> tuple[ExpectationOutcome, ...]:
+        return tuple(outcome for outcome in self.outcomes if not outcome.success)
+
+    def summary(self) -> str:
+        """One line per failed expectation, with counts; says so when all passed."""
+        if self.success:
+            return f"all {len(self.outcomes)} expectations passed"
+        return "\n".join(outcome.describe() for outcome in self.failures)
+
+
+def _load_gx() -> ModuleType:
+    """Import great_expectations with analytics off (GX must never phone home)."""
+    with _GX_LOCK:
+        os.environ["GX_ANALYTICS_ENABLED"] = "false"
+        import great_expectations
+
+        return great_expectations
+
+
+def prefetch_gx() -> threading.Thread:
+    """Start importing GX in a daemon thread so the ~4 s import overlaps generation."""
+    thread = threading.Thread(target=_load_gx, name="gx-prefetch", daemon=True)
+    thread.start()
+    return thread
+
+
+def label_balance_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """One row per observed label: its row count and share of the manifest."""
+    labels = manifest["label"] if "label" in manifest.columns else pd.Series(dtype=str)
+    counts = labels.value_counts().sort_index()
+    return pd.DataFrame({
+        "label": counts.index.astype(str),
+        "count": counts.to_numpy(dtype="int64"),
+        "share": counts.to_numpy(dtype="float64") / max(len(manifest), 1),
+    })
+
+
+def _manifest_expectations(gx: ModuleType, spec: GateSpec) -> list[Any]:
+    E = gx.expectations
+    expectations: list[Any] = [
+        E.ExpectTableColumnsToMatchSet(column_set=list(spec.required_columns), exact_match=False),
+        E.ExpectTableRowCountToBeBetween(min_value=spec.expected_rows[0], max_value=spec.expected_rows[1]),
+    ]
+    expectations += [E.ExpectColumnValuesToNotBeNull(column=column) for column in spec.required_columns]
+    expectations += [E.ExpectColumnValuesToBeUnique(column=column) for column in spec.unique_columns]
+    expectations.append(E.ExpectColumnValueLengthsToBeBetween(
+        column="caption", min_value=spec.caption_length[0], max_value=spec.caption_length[1]))
+    if spec.image_size is not None:
+        width, height = spec.image_size
+        expectations += [E.ExpectColumnValuesToBeInSet(column="width", value_set=[width]),
+                         E.ExpectColumnValuesToBeInSet(column="height", value_set=[height])]
+    if spec.label_set is not None:
+        expectations.append(E.ExpectColumnValuesToBeInSet(column="label", value_set=list(spec.label_set)))
+    return expectations
+
+
+def _balance_expectations(gx: ModuleType, label_set: tuple[str, ...], tolerance: float | None) -> list[Any]:
+    """Missing or extra classes, and each class's share within 1/k ± tolerance."""
+    E = gx.expectations
+    expectations: list[Any] = [E.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=list(label_set))]
+    if tolerance is not None:
+        fair_share = 1 / len(label_set)
+        expectations.append(E.ExpectColumnValuesToBeBetween(
+            column="share",
+            min_value=max(0.0, fair_share - tolerance),
+            max_value=min(1.0, fair_share + tolerance),
+            description=f"each label holds 1/{len(label_set)} of the rows ± {tolerance}",
+        ))
+    return expectations
+
+
+def _ephemeral_context(gx: ModuleType, report_dir: Path) -> Any:
+    """In-memory stores; the only thing written to disk is the Data Docs site in report_dir."""
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        data_docs_sites={DOCS_SITE: {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(report_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }},
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    return gx.get_context(mode="ephemeral", project_config=config)
+
+
+def _run_checkpoint(gx: ModuleType, context: Any, table: str, frame: pd.DataFrame,
+                    expectations: list[Any], result_format: dict[str, Any], run_id: Any) -> Any:
+    """Validate one in-memory table through its own Checkpoint.
+
+    One Checkpoint per table because a Checkpoint passes the same batch parameters (and a
+    pandas dataframe asset takes its dataframe from them) to every validation it runs.
+    """
+    asset = context.data_sources.add_pandas(table).add_dataframe_asset(table)
+    suite = context.suites.add(gx.ExpectationSuite(name=f"{table}_gate", expectations=expectations))
+    definition = context.validation_definitions.add(gx.ValidationDefinition(
+        name=table, data=asset.add_batch_definition_whole_dataframe(table), suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name=f"{table}_gate",
+        validation_definitions=[definition],
+        result_format=result_format,
+    ))
+    result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
+    (validation,) = result.run_results.values()
+    return validation
+
+
+def _short(value: Any) -> str:
+    """One example value as short text: trimmed repr, plain numbers, rows as key=value."""
+    if isinstance(value, dict):  # a row of unexpected_index_list, e.g. {"label": "cat", "share": 0.8}
+        return " ".join(f"{name}={_short(value[name])}" for name in sorted(value))
+    if hasattr(value, "item"):  # numpy scalar
+        value = value.item()
+    text = f"{value:.4g}" if isinstance(value, float) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _examples(values: list[Any]) -> str:
+    return "[" + ", ".join(_short(value) for value in values[:_EXAMPLES_SHOWN]) + "]"
+
+
+def _error(exception_info: dict[str, Any]) -> str | None:
+    """The first error message; GX reports errors flat or keyed by the failing metric."""
+    entries = [exception_info] if "raised_exception" in exception_info else exception_info.values()
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("raised_exception"):
+            return str(entry.get("exception_message"))
+    return None
+
+
+def _observed(result: dict[str, Any]) -> str:
+    """Short human text for one GX result dict: counts first, then a few examples."""
+    if "element_count" in result and result.get("unexpected_count") is not None:
+        text = f"{result['unexpected_count']} of {result['element_count']} rows unexpected"
+        # unexpected_index_list (COMPLETE format) names rows by their index columns.
+        examples = result.get("unexpected_index_list") or result.get("partial_unexpected_list")
+        return text + f"; e.g. {_examples(examples)}" if examples else text
+    if "partial_missing_list" in result:  # expect_column_distinct_values_to_equal_set
+        return (f"{result['missing_count']} missing {_examples(result['partial_missing_list'])}, "
+                f"{result['unexpected_count']} unexpected {_examples(result['partial_unexpected_list'])}")
+    missing_columns = (result.get("details") or {}).get("mismatched", {}).get("missing")
+    if missing_columns:  # expect_table_columns_to_match_set
+        return f"{len(missing_columns)} missing {missing_columns}"
+    return f"observed {_short(result.get('observed_value'))}"
+
+
+def _outcomes(table: str, validation: Any) -> list[ExpectationOutcome]:
+    outcomes = []
+    for result in validation.results:
+        config = result.expectation_config
+        details = result.result or {}
+        error = _error(result.exception_info or {})
+        observed = f"error: {error}" if error else _observed(details)
+        outcomes.append(ExpectationOutcome(
+            expectation=config.type,
+            table=table,
+            column=config.kwargs.get("column"),
+            success=bool(result.success),
+            unexpected_count=details.get("unexpected_count"),
+            element_count=details.get("element_count"),
+            observed=observed,
+        ))
+    return outcomes
+
+
+def validate_manifest(manifest: pd.DataFrame, spec: GateSpec, report_dir: Path) -> GateResult:
+    """Run the release gate; writes Data Docs (index.html) and result.json into report_dir."""
+    report_dir = Path(report_dir).resolve()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    with _GX_LOCK:
+        gx = _load_gx()
+        from great_expectations.core.run_identifier import RunIdentifier
+
+        context = _ephemeral_context(gx, report_dir)
+        run_id = RunIdentifier(run_name=DOCS_SITE, run_time=dt.datetime.now(dt.timezone.utc))
+        validations = {MANIFEST_TABLE: _run_checkpoint(
+            gx, context, MANIFEST_TABLE, manifest, _manifest_expectations(gx, spec),
+            {"result_format": "SUMMARY"}, run_id)}
+        if spec.label_set is not None:
+            # The balance table has one row per class; index rows by label so a
+            # failure names the skewed class, not just its share.
+            validations[BALANCE_TABLE] = _run_checkpoint(
+                gx, context, BALANCE_TABLE, label_balance_table(manifest),
+                _balance_expectations(gx, spec.label_set, spec.balance_tolerance),
+                {"result_format": "COMPLETE", "unexpected_index_column_names": ["label"]}, run_id)
+        # One site build renders both suites and both results, and the index that links them.
+        context.build_data_docs(site_names=[DOCS_SITE])
+        # get_context() made this context the process-wide current one, and its datasources
+        # cache the batch: drop them so the manifest is not kept alive after the gate.
+        for table in validations:
+            context.data_sources.delete(table)
+
+    outcomes = tuple(outcome for table, validation in validations.items()
+                     for outcome in _outcomes(table, validation))
+    success = all(validation.success for validation in validations.values())
+    (report_dir / "result.json").write_text(json.dumps({
+        "success": success,
+        "validations": {table: validation.to_json_dict() for table, validation in validations.items()},
+    }, indent=2))
+    return GateResult(success=success, outcomes=outcomes, report_dir=report_dir)
