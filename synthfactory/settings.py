@@ -1,0 +1,51 @@
+"""Process-wide defaults: where runtime state lives, offline switches, which S3 to use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: no telemetry or update checks from any of the tools we drive (no network at run time)
+OFFLINE_DEFAULTS = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GX_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+}
+
+
+def apply_offline_defaults() -> None:
+    """Set the defaults unless the user chose otherwise."""
+    for name, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def data_dir() -> Path:
+    """Git-ignored runtime state (embedded S3, scratch registry); $SYNTHFACTORY_DATA_DIR or ./.data."""
+    return Path(os.environ.get("SYNTHFACTORY_DATA_DIR", ".data")).resolve()
+
+
+def embedded_s3_dir() -> Path:
+    return data_dir() / "seaweedfs"
+
+
+def resolve_storage():  # -> StorageConfig
+    """S3 settings from the environment / env file, else the running embedded server."""
+    from synthfactory.s3server import daemon_config
+    from synthfactory.storage import StorageConfig, StorageError
+
+    explicit = ("SYNTHFACTORY_S3_ENDPOINT", "SYNTHFACTORY_S3_BUCKET", "SYNTHFACTORY_ENV_FILE")
+    if any(os.environ.get(name) for name in explicit):
+        return StorageConfig.from_env()
+    embedded = daemon_config(embedded_s3_dir())
+    if embedded is not None:
+        return embedded
+    raise StorageError(
+        "no S3 storage configured: set SYNTHFACTORY_S3_ENDPOINT, SYNTHFACTORY_S3_BUCKET, "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or SYNTHFACTORY_ENV_FILE), "
+        "or start the embedded server with `synthfactory s3 start`"
+    )

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real SeaweedFS S3 server and a real Prefect API for the session.
+
+The offline defaults are applied before anything imports Prefect, DVC, Great
+Expectations or Hugging Face, so test runs stay offline and send no telemetry.
+"""
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from synthfactory.settings import apply_offline_defaults
+
+apply_offline_defaults()
+
+import pytest  # noqa: E402
+
+from synthfactory.s3server import EmbeddedS3  # noqa: E402
+from synthfactory.storage import StorageConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep Prefect's database and any tool state out of the user's home and checkout."""
+    home = tmp_path_factory.mktemp("home")
+    saved = {name: os.environ.get(name) for name in ("PREFECT_HOME", "SYNTHFACTORY_DATA_DIR")}
+    os.environ["PREFECT_HOME"] = str(home / "prefect")
+    os.environ["SYNTHFACTORY_DATA_DIR"] = str(home / "data")
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageConfig]:
+    """One embedded SeaweedFS S3 server on free ports for the whole session, so tests never
+    touch a user's running server; yields its settings (fresh random credentials)."""
+    with EmbeddedS3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server.config
+
+
+@pytest.fixture
+def storage_env(s3: StorageConfig, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> StorageConfig:
+    """Point the factory at the session's S3 through the environment, as a user would,
+    with a key prefix of the test's own so tests never see each other's objects."""
+    prefix = "t-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:60].strip("-")
+    monkeypatch.setenv("SYNTHFACTORY_S3_ENDPOINT", s3.endpoint_url)
+    monkeypatch.setenv("SYNTHFACTORY_S3_BUCKET", s3.bucket)
+    monkeypatch.setenv("SYNTHFACTORY_S3_PREFIX", prefix)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    return StorageConfig.from_env()
+
+
+@pytest.fixture(scope="session")
+def prefect() -> Iterator[None]:
+    """A real Prefect API (temporary server with its own SQLite database)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
