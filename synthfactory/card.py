@@ -1,0 +1,90 @@
+"""HF-style dataset card (README.md with YAML front matter) for a release.
+
+The card states provenance (recipe, generator, seeds), contents, the gate's verdict and
+how to load the data, and holds no timestamps or run-dependent figures, so the same
+recipe and code give the same card.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from synthfactory.recipe import Recipe
+
+_SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")]
+
+
+def _size_category(n: int) -> str:
+    return next((label for bound, label in _SIZE_CATEGORIES if n < bound), "n>1M")
+
+
+def render_card(
+    recipe: Recipe,
+    metrics: dict[str, Any],
+    gate_lines: list[str],
+    code_files: list[str],
+    has_images: bool,
+) -> str:
+    front = {
+        "pretty_name": recipe.name,
+        "size_categories": [_size_category(metrics["samples"])],
+        "task_categories": ["image-classification", "object-detection", "image-to-text"] if has_images else ["text-generation"],
+        "tags": ["synthetic", "synthfactory", recipe.generator.kind],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}],
+    }
+    labels = metrics.get("labels", {})
+    label_rows = "\n".join(f"| {label} | {count} |" for label, count in labels.items())
+    verdict = "\n".join(f"- {line}" for line in gate_lines)
+    code = "\n".join(f"- `{path}`" for path in code_files)
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+
+# {recipe.name}
+
+{recipe.description.strip() or "Synthetic dataset produced by synthfactory."}
+
+## Provenance
+
+- Generator: `{recipe.generator.kind}` (params below)
+- Recipe fingerprint: `{recipe.fingerprint()}`
+- Seed: `{recipe.seed}`; each sample's seed is derived from (seed, sample index) and stored in the manifest
+- Code hashed into `dvc.lock` for this release:
+{code}
+
+## Contents
+
+- {metrics["samples"]} samples in {metrics.get("shards", "?")} WebDataset shards (`shards/*.tar`,
+  members `<key>.png|jpg`, `<key>.json`, `<key>.txt`)
+- `manifest.parquet`: one row per sample (key, shard, caption, labels, generator, seed, sha256 of the payload)
+- `rejected.parquet`: {metrics["rejected"]} planned samples that were rejected, with the reason
+- `metrics.json`: the figures `dvc metrics diff` compares between releases
+- `validation/index.html`: the Great Expectations report of the release gate
+
+| label | samples |
+|---|---|
+{label_rows or "| (unlabelled) | |"}
+
+## Validation
+
+{verdict}
+
+## Loading
+
+```bash
+dvc get <registry-url> data/{recipe.name} --rev {recipe.name}@v<N>
+```
+
+```python
+import webdataset as wds
+dataset = wds.WebDataset("data/{recipe.name}/shards/{recipe.name}-{{000000..{max(0, recipe.shard_count - 1):06d}}}.tar").decode("pil")
+```
+
+## Recipe
+
+```yaml
+{recipe.to_yaml().strip()}
+```
+"""
