@@ -26,7 +26,14 @@ from tasks.release import generate_shard, materialize_release, publish_release, 
 settings.apply_offline_defaults()
 
 
-@flow(name="release", flow_run_name="release-{recipe_path}", task_runner=ProcessPoolTaskRunner())
+def _run_name() -> str:
+    """'release-shapes' rather than the recipe's full path, in the Prefect UI."""
+    from prefect.runtime import flow_run
+
+    return f"release-{Path(flow_run.parameters['recipe_path']).stem}"
+
+
+@flow(name="release", flow_run_name=_run_name, task_runner=ProcessPoolTaskRunner())
 def release_flow(
     recipe_path: str,
     registry: str = ".",

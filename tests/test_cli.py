@@ -1,0 +1,94 @@
+"""The CLI as a user meets it: exit codes, one clear message, nothing written on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthfactory.registry import DataRegistry
+
+CLI = [str(Path(sys.executable).with_name("synthfactory"))]
+
+
+def synthfactory(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file() and ".git/" not in p.as_posix()}
+
+
+def test_bad_recipe_exits_2_naming_the_field_and_writes_nothing(tmp_path, repo_root):
+    recipe = yaml.safe_load((repo_root / "recipes" / "shapes.yaml").read_text())
+    recipe["generator"]["params"]["image_size"] = 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    registry = DataRegistry.open(tmp_path / "registry")
+    before = snapshot(registry.root)
+
+    result = synthfactory("run", str(bad), "--registry", str(registry.root), cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert "generator.params.image_size: must be ≥ 16, got 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot(registry.root) == before
+
+
+def test_run_outside_a_git_repo_asks_for_a_registry(tmp_path, repo_root):
+    result = synthfactory("run", str(repo_root / "recipes" / "shapes.yaml"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "not inside a git repository: pass --registry PATH" in result.stderr
+
+
+def test_missing_storage_is_one_clear_error(tmp_path, repo_root):
+    env = {"SYNTHFACTORY_DATA_DIR": str(tmp_path / "data"), "SYNTHFACTORY_S3_ENDPOINT": "", "SYNTHFACTORY_S3_BUCKET": "", "SYNTHFACTORY_ENV_FILE": ""}
+    result = synthfactory("pull", "shapes@v1", "--registry", str(tmp_path), cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert "no S3 storage configured" in result.stderr and "synthfactory s3 start" in result.stderr
+
+
+@pytest.mark.slow
+def test_releases_validate_and_pull(tmp_path, storage_env, prefect, repo_root):
+    """run -> releases -> pull -> validate, each through the real CLI."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL
+
+    recipe = yaml.safe_load((repo_root / "recipes" / "shapes.yaml").read_text())
+    recipe.update(name="cli", samples=300, shard_size=100)
+    recipe["execution"] = {"workers": 2}
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    registry = tmp_path / "registry"
+    env = {"PREFECT_API_URL": PREFECT_API_URL.value(), **{k: v for k, v in os.environ.items() if k.startswith(("SYNTHFACTORY_", "AWS_"))}}
+
+    ran = synthfactory("run", str(path), "--registry", str(registry), cwd=tmp_path, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert "cli@v1: 300 samples" in ran.stdout
+
+    listed = synthfactory("releases", "--registry", str(registry), cwd=tmp_path)
+    assert listed.returncode == 0
+    assert "cli@v1" in listed.stdout and "300" in listed.stdout
+
+    pulled = synthfactory("pull", "cli", "--registry", str(registry), "--to", str(tmp_path / "pulled"), cwd=tmp_path, env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert len(list((tmp_path / "pulled" / "shards").glob("*.tar"))) == 3
+
+    checked = synthfactory("validate", str(tmp_path / "pulled"), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "300 samples re-hashed, 0 problems" in checked.stdout
+
+    # Corrupt one shard: validate must notice.
+    shard = sorted((tmp_path / "pulled" / "shards").glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[2048] ^= 0xFF  # inside the first sample's image bytes
+    shard.write_bytes(bytes(data))
+    corrupted = synthfactory("validate", str(tmp_path / "pulled"), cwd=tmp_path)
+    assert corrupted.returncode == 1
+    assert "does not match its sha256" in corrupted.stderr
