@@ -18,8 +18,6 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from synthfactory import pipeline, release, settings
 from synthfactory.progress import ShardProgress
-from synthfactory.registry import DataRegistry
-from synthfactory.storage import ensure_bucket
 from synthfactory.validation import prefetch_gx
 from tasks.release import generate_shard, materialize_release, publish_release, stage_release, validate_release
 
@@ -42,9 +40,7 @@ def release_flow(
     publish: bool = True,
 ) -> dict[str, Any]:
     """Turn a recipe into a gated release in `registry` (tagged and pushed when `publish`)."""
-    job = release.prepare(recipe_path, DataRegistry.open(Path(registry)), samples=samples, seed=seed)
-    if publish:  # fail on bad credentials before generating anything
-        ensure_bucket(settings.resolve_storage())
+    job = release.prepare(recipe_path, registry, samples=samples, seed=seed, publish=publish)
     prefetch_gx()  # the ~4 s import overlaps generation
 
     execution = job.recipe.execution
@@ -70,7 +66,6 @@ def release_flow(
             f"validation gate failed for {job.recipe.name}; nothing was published "
             f"(report: {job.stage_dir / 'validation' / 'index.html'})\n{gate.summary()}"
         )
-    materialize_release(job)
     summary: dict[str, Any] = {
         "dataset": job.recipe.name,
         "registry": str(job.registry.root),
@@ -84,6 +79,8 @@ def release_flow(
     if publish:
         published = publish_release(job, metrics)
         summary.update(tag=published.tag, commit=published.commit)
+    else:
+        materialize_release(job)
     return summary
 
 
@@ -95,9 +92,10 @@ def run_release(
     publish: bool = True,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Run the flow with a process pool sized from `workers` (or the recipe, or the CPU count)."""
-    if workers is None:
-        workers = release.load_recipe(recipe_path, samples=samples, seed=seed).execution.workers
+    """Check the inputs, then run the flow with a process pool sized from `workers` (or
+    the recipe, or the CPU count). Bad input fails here, before Prefect starts."""
+    recipe, _ = release.preflight(recipe_path, registry, samples, seed, publish)
+    workers = workers or recipe.execution.workers
     runner = ProcessPoolTaskRunner(max_workers=workers) if workers else ProcessPoolTaskRunner()
     with prefect_api():
         return release_flow.with_options(task_runner=runner)(

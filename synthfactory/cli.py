@@ -44,8 +44,17 @@ def _default_registry() -> Path:
     return root
 
 
+def _existing_registry(path: Path | None):
+    from synthfactory.registry import DataRegistry, RegistryError
+
+    try:
+        return DataRegistry.existing(path or _default_registry())
+    except RegistryError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+
+
 def _release(recipe: Path, registry: Path, samples: int | None, seed: int | None, publish: bool, workers: int | None) -> dict:
-    """Run the release flow, turning known failures into one clear message."""
+    """Run the release flow, turning failures into one clear message (bad input: exit 2)."""
     from flows.release import run_release
     from synthfactory.recipe import RecipeError
     from synthfactory.registry import RegistryError
@@ -58,6 +67,8 @@ def _release(recipe: Path, registry: Path, samples: int | None, seed: int | None
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     except (StorageError, GateFailedError, RegistryError) as exc:
         raise _fail(str(exc)) from None
+    except Exception as exc:  # a shard that kept failing, a crashed worker: Prefect logged the traceback
+        raise _fail(f"release of {recipe} failed: {type(exc).__name__}: {exc}") from None
 
 
 def _print_summary(summary: dict) -> None:
@@ -76,7 +87,7 @@ def run(
     seed: Annotated[Optional[int], typer.Option(help="override the recipe's seed")] = None,
     registry: Annotated[Optional[Path], typer.Option(help="data registry repo (default: this git repo)")] = None,
     publish: Annotated[bool, typer.Option(help="push to S3, commit and tag (off: stage into data/ only)")] = True,
-    workers: Annotated[Optional[int], typer.Option(help="parallel shard processes")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="parallel shard processes")] = None,
 ) -> None:
     """Generate -> validate -> publish a release of RECIPE."""
     summary = _release(recipe, registry or _default_registry(), samples, seed, publish, workers)
@@ -95,6 +106,8 @@ def validate(release_dir: Annotated[Path, typer.Argument(help="a release directo
         recipe = load_recipe(release_dir / "recipe.yaml")
     except RecipeError as exc:
         raise _fail(f"{release_dir} is not a release directory: {exc}", EXIT_BAD_INPUT) from None
+    if not (release_dir / "manifest.parquet").is_file():
+        raise _fail(f"{release_dir} has no manifest.parquet", EXIT_BAD_INPUT)
     checked, problems = verify_release(release_dir)
     for problem in problems[:20]:
         console.print(f"[red]{problem}[/]", highlight=False)
@@ -114,9 +127,7 @@ def releases(
     registry: Annotated[Optional[Path], typer.Option(help="data registry repo (default: this git repo)")] = None,
 ) -> None:
     """List releases (tags) with sample counts and key metrics."""
-    from synthfactory.registry import DataRegistry
-
-    rows = DataRegistry(registry or _default_registry()).releases(dataset)
+    rows = _existing_registry(registry).releases(dataset)
     table = Table("tag", "date", "samples", "rejected", "accept rate", "label entropy", "distinct captions", "gate")
     for r in rows:
         m = r.metrics
@@ -125,9 +136,9 @@ def releases(
             r.tag, r.date[:19], str(m.get("samples", "?")), str(m.get("rejected", "?")),
             str(m.get("accept_rate", "?")), str(m.get("label_entropy_norm", "-")),
             str(m.get("distinct_caption_ratio", "-")),
-            f"{gate.get('expectations', '?')} ok" if gate.get("success") else "failed",
+            {True: f"{gate.get('expectations', '?')} ok", False: "failed"}.get(gate.get("success"), "?"),
         )
-    out.print(table if rows else "no releases yet")
+    out.print(table if rows else f"no releases{f' of {dataset}' if dataset else ''} yet")
 
 
 @app.command()
@@ -137,18 +148,21 @@ def pull(
     registry: Annotated[Optional[str], typer.Option(help="registry path or git URL (default: this git repo)")] = None,
 ) -> None:
     """Download a release with `dvc get` (no clone needed), using the configured S3 credentials."""
-    from synthfactory.registry import DataRegistry, dvc_executable
+    from synthfactory.registry import dvc_executable
     from synthfactory.storage import StorageError
 
-    source = registry or str(_default_registry())
     dataset, _, version = release.partition("@v")
+    local = registry is None or Path(registry).exists()
+    source = str(_existing_registry(Path(registry) if registry else None).root) if local else registry
     if not version:
-        known = DataRegistry(Path(source)).releases(dataset) if Path(source).exists() else []
+        known = _existing_registry(Path(source)).releases(dataset) if local else []
         if not known:
             raise _fail(f"no releases of {dataset!r} in {source}; give DATASET@vN", EXIT_BAD_INPUT)
         version = str(known[-1].version)
     tag = f"{dataset}@v{version}"
     target = to or Path(dataset)
+    if target.exists():
+        raise _fail(f"{target} already exists: choose another --to", EXIT_BAD_INPUT)
     try:
         env = {**os.environ, **settings.resolve_storage().subprocess_env()}
     except StorageError as exc:
@@ -171,43 +185,52 @@ def demo(
     The release goes into a scratch clone of this repo, never into the checkout itself,
     then is pulled back from S3 into a fresh clone and re-hashed to prove the round trip.
     """
+    import shutil
+
+    import synthfactory
+    from synthfactory.registry import dvc_executable
     from synthfactory.release import verify_release
     from synthfactory.s3server import daemon_config, start_daemon, stop_daemon
+    from synthfactory.storage import StorageError
 
-    factory = _default_registry()
+    factory = Path(synthfactory.__file__).resolve().parent.parent
     recipe = factory / "recipes" / "shapes.yaml"
+    if not (factory / ".git").exists() or not recipe.exists():
+        raise _fail(f"the demo runs from a synthfactory checkout; {factory} is not one", EXIT_BAD_INPUT)
     registry = registry or settings.data_dir() / "registry"
     s3_dir = settings.embedded_s3_dir()
     started_here = False
-    if not any(os.environ.get(v) for v in ("SYNTHFACTORY_S3_ENDPOINT", "SYNTHFACTORY_ENV_FILE")):
+    if not settings.storage_configured():
         started_here = daemon_config(s3_dir) is None
-        config = start_daemon(s3_dir)
+        try:
+            config = start_daemon(s3_dir)
+        except StorageError as exc:
+            raise _fail(str(exc)) from None
         console.print(f"embedded S3 (SeaweedFS) at {config.endpoint_url}, bucket {config.bucket}; data in {s3_dir}")
     if not registry.exists():
         subprocess.run(["git", "clone", "--quiet", str(factory), str(registry)], check=True)
+    check_dir = Path(tempfile.mkdtemp(prefix="synthfactory-pull-"))
     try:
         summary = _release(recipe, registry, samples, None, True, None)
         _print_summary(summary)
-        tag = summary["tag"]
-        check_dir = Path(tempfile.mkdtemp(prefix="synthfactory-pull-"))
+        tag, dataset = summary["tag"], summary["dataset"]
         env = {**os.environ, **settings.resolve_storage().subprocess_env()}
-        from synthfactory.registry import dvc_executable
-
-        subprocess.run(["git", "clone", "--quiet", "--branch", tag, str(registry), str(check_dir)], check=True, capture_output=True)
-        subprocess.run([dvc_executable(), "pull", "--quiet"], cwd=check_dir, env=env, check=True)
-        checked, problems = verify_release(check_dir / "data" / "shapes")
+        subprocess.run(["git", "clone", "--quiet", "--branch", tag, str(registry), str(check_dir / "clone")], check=True, capture_output=True)
+        subprocess.run([dvc_executable(), "pull", "--quiet"], cwd=check_dir / "clone", env=env, check=True)
+        checked, problems = verify_release(check_dir / "clone" / "data" / dataset)
         if problems:
             raise _fail(f"pulled release does not match its manifest: {problems[:3]}")
         out.print(f"verified: fresh clone at {tag} + dvc pull restored {checked} samples, byte-identical to the manifest")
     finally:
+        shutil.rmtree(check_dir, ignore_errors=True)
         if started_here:
             stop_daemon(s3_dir)
     out.print(
         "\n[bold]Pull it yourself[/] (start the embedded S3 again first):\n"
         f"  make s3-start\n"
         f"  set -a; . {s3_dir / 's3.env'}; set +a\n"
-        f"  git clone {registry} shapes-release && cd shapes-release && git checkout {tag} && dvc pull\n"
-        f"  # or: dvc get {registry} data/shapes --rev {tag}\n"
+        f"  git clone {registry} {dataset}-release && cd {dataset}-release && git checkout {tag} && dvc pull\n"
+        f"  # or: dvc get {registry} data/{dataset} --rev {tag}\n"
         f"  # or: synthfactory pull {tag} --registry {registry}",
         highlight=False,
     )
@@ -217,8 +240,12 @@ def demo(
 def s3_start() -> None:
     """Start the embedded S3 server in the background (data and credentials in the data dir)."""
     from synthfactory.s3server import start_daemon
+    from synthfactory.storage import StorageError
 
-    config = start_daemon(settings.embedded_s3_dir())
+    try:
+        config = start_daemon(settings.embedded_s3_dir())
+    except StorageError as exc:
+        raise _fail(str(exc)) from None
     out.print(f"S3 at {config.endpoint_url}, bucket {config.bucket}; credentials in {settings.embedded_s3_dir() / 's3.env'}")
 
 
@@ -238,10 +265,6 @@ def s3_status() -> None:
     out.print(f"running at {config.endpoint_url}, bucket {config.bucket}" if config else "not running")
     if config is None:
         raise typer.Exit(EXIT_FAILED)
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

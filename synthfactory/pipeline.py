@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -39,7 +38,6 @@ class ShardResult:
     name: str
     samples: int
     rejected: int
-    bytes: int
     seconds: float
     attempt: int
 
@@ -79,7 +77,6 @@ def build_shard(
         name=plan.name,
         samples=len(samples),
         rejected=len(rejections),
-        bytes=path.stat().st_size,
         seconds=time.perf_counter() - started,
         attempt=attempt,
     )
@@ -113,8 +110,13 @@ def assemble(recipe: Recipe, fragments_dir: Path, results: list[ShardResult], st
     return manifest
 
 
-def dataset_metrics(recipe: Recipe, manifest: pa.Table, rejected: int) -> dict[str, Any]:
-    """Figures that `dvc metrics show/diff` compares between releases."""
+def dataset_metrics(
+    recipe: Recipe, manifest: pa.Table, rejected: int, labels: tuple[str, ...] | None
+) -> dict[str, Any]:
+    """Figures that `dvc metrics show/diff` compares between releases.
+
+    Label entropy is normalised by the expected label set, so a missing class lowers it.
+    """
     planned = recipe.samples
     captions = manifest.column("caption")
     lengths = pc.utf8_length(captions)
@@ -128,33 +130,17 @@ def dataset_metrics(recipe: Recipe, manifest: pa.Table, rejected: int) -> dict[s
         "caption_length_mean": round(pc.mean(lengths).as_py() or 0.0, 2),
         "distinct_caption_ratio": round(pc.count_distinct(captions).as_py() / max(1, manifest.num_rows), 4),
     }
-    if "label" in manifest.column_names:
+    if labels and "label" in manifest.column_names:
         counts = Counter(manifest.column("label").to_pylist())
         total = sum(counts.values()) or 1
-        shares = {label: counts[label] / total for label in sorted(counts)}
+        shares = {label: counts.get(label, 0) / total for label in sorted({*labels, *counts})}
         entropy = -sum(s * math.log(s) for s in shares.values() if s > 0)
         metrics["label_entropy_norm"] = round(entropy / math.log(len(shares)), 4) if len(shares) > 1 else 0.0
-        metrics["label_share_min"] = round(min(shares.values()), 4) if shares else 0.0
-        metrics["label_share_max"] = round(max(shares.values()), 4) if shares else 0.0
-        metrics["labels"] = {label: counts[label] for label in sorted(counts)}
+        metrics["label_share_min"] = round(min(shares.values()), 4)
+        metrics["label_share_max"] = round(max(shares.values()), 4)
+        metrics["labels"] = {label: counts.get(label, 0) for label in shares}
     return metrics
 
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def move_into(stage_dir: Path, release_dir: Path) -> None:
-    """Move each staged entry into the release dir, replacing the previous release's copy.
-
-    Entries are renamed (same filesystem), and files the stage does not produce, such as
-    DVC's .gitignore, are left alone.
-    """
-    release_dir.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(stage_dir.iterdir()):
-        target = release_dir / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        entry.rename(target)

@@ -163,6 +163,8 @@ def load_recipe(path: str | Path, *, samples: int | None = None, seed: int | Non
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -9,11 +9,13 @@ tag never points at data missing from S3.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,21 +64,21 @@ class DataRegistry:
 
     # -- setup -----------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path, clone_from: Path | None = None) -> "DataRegistry":
-        """Open (or create) a registry: a git repo with DVC initialised.
+    def open(cls, path: Path) -> "DataRegistry":
+        """Open a registry: the top of a git repo (DVC is initialised if missing).
 
-        A missing path is cloned from `clone_from` (the factory repo) when given, else
-        initialised empty; scratch state under .synthfactory/ is ignored locally.
+        A path that does not exist becomes a new repo; an existing directory that is not
+        a git repo's top level is refused rather than silently turned into one.
         """
         path = path.resolve()
-        if not path.exists() and clone_from is not None:
-            subprocess.run(["git", "clone", "--quiet", str(clone_from), str(path)], check=True, capture_output=True)
-        path.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            cls.existing(path)
         registry = cls(path)
-        if not (path / ".git").exists():
+        if not path.exists():
+            path.mkdir(parents=True)
             registry.git("init", "--quiet", "--initial-branch=main")
         if not (path / ".dvc").exists():
-            registry.dvc("init", "--quiet")
+            registry.dvc("init")
             registry.git("commit", "--quiet", "-m", "Initialise DVC", "--", ".dvc", ".dvcignore")
         exclude = path / ".git" / "info" / "exclude"
         exclude.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,19 @@ class DataRegistry:
         if "/.synthfactory/" not in existing.splitlines():
             exclude.write_text(existing + "\n/.synthfactory/\n")
         return registry
+
+    @classmethod
+    def existing(cls, path: Path) -> "DataRegistry":
+        """A registry that must already be there (for read-only commands)."""
+        path = path.resolve()
+        proc = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=path, capture_output=True, text=True
+        ) if path.is_dir() else None
+        if proc is None or proc.returncode != 0 or Path(proc.stdout.strip()).resolve() != path:
+            raise RegistryError(
+                f"registry {path} is not the top of a git repository: give a repo's root, or a new path to create one"
+            )
+        return cls(path)
 
     @property
     def scratch(self) -> Path:
@@ -94,20 +109,22 @@ class DataRegistry:
         return self.root / "data" / dataset
 
     # -- commands --------------------------------------------------------------------
+    @functools.cached_property
+    def _identity_env(self) -> dict[str, str]:
+        """A bot identity for commits where git has none configured (CI machines)."""
+        if "GIT_AUTHOR_EMAIL" in os.environ:
+            return {}
+        proc = subprocess.run(["git", "config", "user.email"], cwd=self.root, capture_output=True, text=True)
+        return {} if proc.stdout.strip() else BOT_IDENTITY
+
     def _run(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
-        full_env = {**os.environ, **(env or {})}
-        if "GIT_AUTHOR_EMAIL" not in full_env and not self._has_git_identity():
-            full_env.update(BOT_IDENTITY)
+        full_env = {**os.environ, **self._identity_env, **(env or {})}
         proc = subprocess.run(list(argv), cwd=self.root, env=full_env, capture_output=True, text=True)
         if proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).strip()
             command = " ".join([Path(argv[0]).name, *argv[1:]])
             raise RegistryError(f"`{command}` failed in {self.root}:\n{detail}")
         return proc.stdout
-
-    def _has_git_identity(self) -> bool:
-        proc = subprocess.run(["git", "config", "user.email"], cwd=self.root, capture_output=True, text=True)
-        return bool(proc.stdout.strip())
 
     def git(self, *args: str) -> str:
         return self._run(["git", *args])
@@ -128,16 +145,15 @@ class DataRegistry:
             name, _, version = tag.rpartition("@v")
             if not version.isdigit():
                 continue
-            metrics_path = f"data/{name}/{METRICS_FILE}"
             try:
-                metrics = json.loads(self.git("show", f"{tag}:{metrics_path}"))
+                metrics = json.loads(self.git("show", f"{tag}:data/{name}/{METRICS_FILE}"))
             except (RegistryError, json.JSONDecodeError):
                 metrics = {}
             releases.append(Release(name, int(version), tag, commit[:40], date, metrics))
         return sorted(releases, key=lambda r: (r.dataset, r.version))
 
-    def next_version(self, dataset: str) -> int:
-        return max((r.version for r in self.releases(dataset)), default=0) + 1
+    def next_tag(self, dataset: str) -> str:
+        return f"{dataset}@v{max((r.version for r in self.releases(dataset)), default=0) + 1}"
 
     def sync_file(self, source: Path, relative: str) -> str:
         """Make the registry hold `source` at `relative` (recipe, generator code); return the path."""
@@ -175,34 +191,62 @@ class DataRegistry:
         argv += ["--metrics-no-cache", f"{out_root}/{METRICS_FILE}", command]
         self.dvc(*argv)
 
-    def publish(
-        self, dataset: str, storage: StorageConfig, paths: Sequence[str], message: str, tag_note: str
+    def commit_and_tag(
+        self,
+        dataset: str,
+        tag: str,
+        storage: StorageConfig,
+        paths: Sequence[str],
+        message: str,
+        tag_note: str,
+        push_retry_delays: Sequence[float] = (2.0, 8.0),
     ) -> Release:
-        """dvc commit -> dvc push -> git commit -> tag. Push precedes the commit and tag."""
-        env = storage.subprocess_env()
-        self.dvc("commit", "--force", "--quiet", dataset)
-        self.dvc("push", "--quiet", dataset, env=env)
+        """dvc commit -> dvc push (retried) -> git commit -> tag: the tag comes last, so it
+        never points at data missing from S3. Pushes are content-addressed, so a retry
+        only uploads what is missing."""
+        self.dvc("commit", "--force", dataset)
+        for attempt, delay in enumerate([*push_retry_delays, None]):
+            try:
+                self.dvc("push", dataset, env=storage.subprocess_env())
+                break
+            except RegistryError:
+                if delay is None:
+                    raise
+                time.sleep(delay)
         self.git("add", "--", *paths)
         self.git("commit", "--quiet", "-m", message, "--", *paths)
-        version = self.next_version(dataset)
-        tag = f"{dataset}@v{version}"
-        self.git("tag", "--annotate", tag, "-m", tag_note)
+        try:
+            self.git("tag", "--annotate", tag, "-m", tag_note)
+        except RegistryError:
+            self.git("reset", "--quiet", "--soft", "HEAD^")
+            raise
         return next(r for r in self.releases(dataset) if r.tag == tag)
 
-    def rollback(self, dataset: str, paths: Sequence[str]) -> None:
-        """Undo an unfinished publish: tracked files back to HEAD, new files removed,
-        the dataset's outs back to the last release's data."""
-        tracked = set(self.git("ls-files", "--", *paths).split())
-        if tracked:
-            self.git("checkout", "HEAD", "--", *sorted(tracked))
-        self.git("clean", "--quiet", "-f", "--", *paths)
-        release_dir = self.release_dir(dataset)
-        if f"data/{dataset}/{METRICS_FILE}" in tracked:
-            self.dvc("checkout", "--force", "--quiet", dataset)
-        elif release_dir.exists():
-            shutil.rmtree(release_dir)
+    def snapshot(self, paths: Sequence[str]) -> "FileSnapshot":
+        return FileSnapshot(self.root, paths)
 
     def lock(self) -> FileLock:
-        """Serialises publishes into one registry (dvc.lock and git are shared)."""
+        """Serialises changes to one registry's workspace, dvc.lock and git."""
         self.scratch.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.scratch / "registry.lock"))
+
+
+class FileSnapshot:
+    """The bytes (or absence) of some files, to put back exactly if a publish fails.
+
+    Restoring from a snapshot rather than from git HEAD keeps a developer's uncommitted
+    edits to the recipe or generator code when the registry is their checkout.
+    """
+
+    def __init__(self, root: Path, paths: Sequence[str]) -> None:
+        self._root = root
+        self._saved = {p: (root / p).read_bytes() if (root / p).is_file() else None for p in paths}
+
+    def restore(self) -> None:
+        for relative, data in self._saved.items():
+            target = self._root / relative
+            if data is None:
+                target.unlink(missing_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)

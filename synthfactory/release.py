@@ -14,19 +14,22 @@ import math
 import shlex
 import shutil
 import sys
+import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from synthfactory import pipeline
+from synthfactory import pipeline, settings
 from synthfactory.card import render_card
 from synthfactory.recipe import Recipe, load_recipe
 from synthfactory.registry import DataRegistry, Release
 from synthfactory.shards import ShardPlan, manifest_schema, plan_shards, read_shard
-from synthfactory.storage import StorageConfig
+from synthfactory.storage import StorageConfig, ensure_bucket
 from synthfactory.validation import GateResult, GateSpec, validate_manifest
+
 
 class GateFailedError(RuntimeError):
     """The validation gate rejected the release; nothing was published."""
@@ -34,10 +37,13 @@ class GateFailedError(RuntimeError):
 
 @dataclass(frozen=True)
 class ReleaseJob:
+    """Everything a run needs, resolved up front; holds no secrets (it is a task input)."""
+
     recipe: Recipe
     registry: DataRegistry
-    recipe_file: str  # the recipe's path inside the registry
-    code_files: tuple[str, ...]  # generator + shard-format code, inside the registry
+    recipe_source: Path
+    recipe_file: str  # where the recipe lives inside the registry
+    code: tuple[tuple[Path, str], ...]  # (running source file, its path inside the registry)
     command: str  # how `dvc repro` regenerates this release
     work_dir: Path
 
@@ -58,15 +64,20 @@ class ReleaseJob:
     def release_dir(self) -> Path:
         return self.registry.release_dir(self.recipe.name)
 
+    @property
+    def code_files(self) -> tuple[str, ...]:
+        return tuple(relative for _, relative in self.code)
+
     def plans(self) -> list[ShardPlan]:
         return plan_shards(self.recipe.name, self.recipe.samples, self.recipe.shard_size)
 
-    def publish_paths(self) -> list[str]:
-        """Everything a release commit may touch (git adds only what changed)."""
-        return ["dvc.yaml", "dvc.lock", ".dvc/config", f"data/{self.recipe.name}", self.recipe_file, *self.code_files]
+    def tracked_files(self) -> list[str]:
+        """Files a publish may rewrite besides the release entries; snapshotted for rollback."""
+        return ["dvc.yaml", "dvc.lock", ".dvc/config", self.recipe_file, *self.code_files,
+                f"data/{self.recipe.name}/.gitignore"]
 
 
-def _code_files(recipe: Recipe) -> list[tuple[Path, str]]:
+def _code_files(recipe: Recipe) -> tuple[tuple[Path, str], ...]:
     """(source file, path relative to its package's parent) of the code that shapes the bytes."""
     from synthfactory import shards
     from synthfactory.generators import base
@@ -77,33 +88,41 @@ def _code_files(recipe: Recipe) -> list[tuple[Path, str]]:
         source = Path(inspect.getsourcefile(module)).resolve()  # type: ignore[arg-type]
         package_root = Path(sys.modules[module.__name__.split(".")[0]].__file__).resolve().parent.parent  # type: ignore[arg-type]
         files.append((source, source.relative_to(package_root).as_posix()))
-    return files
+    return tuple(files)
+
+
+def preflight(
+    recipe_path: str | Path, registry_path: str | Path, samples: int | None, seed: int | None, publish: bool
+) -> tuple[Recipe, DataRegistry]:
+    """Every check that can fail on bad input, before any work: recipe, storage, registry."""
+    recipe = load_recipe(recipe_path, samples=samples, seed=seed)
+    if publish:
+        ensure_bucket(settings.resolve_storage())
+    return recipe, DataRegistry.open(Path(registry_path))
 
 
 def prepare(
     recipe_path: str | Path,
-    registry: DataRegistry,
+    registry_path: str | Path,
     samples: int | None = None,
     seed: int | None = None,
+    publish: bool = True,
 ) -> ReleaseJob:
-    """Load and check the recipe, sync its inputs into the registry, pick the work dir."""
-    recipe_path = Path(recipe_path)
-    recipe = load_recipe(recipe_path, samples=samples, seed=seed)
+    """Preflight, then give the run a private work dir in the registry's scratch space."""
+    recipe, registry = preflight(recipe_path, registry_path, samples, seed, publish)
+    recipe_source = Path(recipe_path).resolve()
     try:
-        recipe_file = recipe_path.resolve().relative_to(registry.root).as_posix()
+        recipe_file = recipe_source.relative_to(registry.root).as_posix()
     except ValueError:
         recipe_file = f"recipes/{recipe.name}.yaml"
-    registry.sync_file(recipe_path, recipe_file)
-    code_files = tuple(registry.sync_file(source, relative) for source, relative in _code_files(recipe))
     command = ["synthfactory", "run", recipe_file, "--no-publish"]
     if samples is not None:
         command += ["--samples", str(samples)]
     if seed is not None:
         command += ["--seed", str(seed)]
-    work_dir = registry.scratch / "work" / f"{recipe.name}-{recipe.fingerprint()[:16]}"
-    if work_dir.exists():  # leftovers of an interrupted run of the same recipe
-        shutil.rmtree(work_dir)
-    return ReleaseJob(recipe, registry, recipe_file, code_files, shlex.join(command), work_dir)
+    (registry.scratch / "work").mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-", dir=registry.scratch / "work"))
+    return ReleaseJob(recipe, registry, recipe_source, recipe_file, _code_files(recipe), shlex.join(command), work_dir)
 
 
 def gate_spec(recipe: Recipe) -> GateSpec:
@@ -123,7 +142,8 @@ def gate_spec(recipe: Recipe) -> GateSpec:
 def stage(job: ReleaseJob, results: list[pipeline.ShardResult], run: pipeline.RunStats) -> dict[str, Any]:
     """Merge shard fragments into the staged manifest and metrics; return the metrics."""
     manifest = pipeline.assemble(job.recipe, job.fragments_dir, results, job.stage_dir)
-    metrics = pipeline.dataset_metrics(job.recipe, manifest, sum(r.rejected for r in results))
+    labels = pipeline.generator_for(job.recipe).labels()
+    metrics = pipeline.dataset_metrics(job.recipe, manifest, sum(r.rejected for r in results), labels)
     metrics["run"] = run.as_dict(manifest.num_rows)
     return metrics
 
@@ -142,42 +162,95 @@ def validate(job: ReleaseJob, metrics: dict[str, Any]) -> GateResult:
     return gate
 
 
+def _swap_in(job: ReleaseJob) -> list[str]:
+    """Move the staged entries into data/<dataset>/, setting the previous ones aside in
+    the work dir (renames on one filesystem); DVC's .gitignore there is left alone."""
+    previous = job.work_dir / "previous"
+    previous.mkdir()
+    job.release_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(entry.name for entry in job.stage_dir.iterdir())
+    for name in names:
+        target = job.release_dir / name
+        if target.exists():
+            target.rename(previous / name)
+        (job.stage_dir / name).rename(target)
+    return names
+
+
+def _swap_back(job: ReleaseJob, names: list[str]) -> None:
+    previous = job.work_dir / "previous"
+    for name in names:
+        (job.release_dir / name).rename(job.stage_dir / name)
+        if (previous / name).exists():
+            (previous / name).rename(job.release_dir / name)
+    previous.rmdir()
+    if not any(job.release_dir.iterdir()):
+        job.release_dir.rmdir()
+
+
 def materialize(job: ReleaseJob) -> None:
-    """Move the gated release into data/<dataset>/ and drop the work dir."""
+    """--no-publish: put the gated release in data/<dataset>/ without touching git or DVC."""
     with job.registry.lock():
-        pipeline.move_into(job.stage_dir, job.release_dir)
-    shutil.rmtree(job.work_dir, ignore_errors=True)
+        _swap_in(job)
+    shutil.rmtree(job.work_dir)
 
 
 def publish(job: ReleaseJob, storage: StorageConfig, metrics: dict[str, Any]) -> Release:
-    """Record the stage, push to S3, commit and tag; on failure undo the workspace changes."""
+    """Under the registry lock: swap the release in, sync recipe and code, record the
+    stage, push, commit, tag. On any failure the workspace goes back exactly as it was
+    (uncommitted edits included) and the staged release back to the work dir."""
     registry, name = job.registry, job.recipe.name
-    paths = job.publish_paths()
     with registry.lock():
+        snapshot = registry.snapshot(job.tracked_files())
+        swapped = _swap_in(job)
         try:
+            registry.sync_file(job.recipe_source, job.recipe_file)
+            for source, relative in job.code:
+                registry.sync_file(source, relative)
             registry.configure_remote(storage)
             registry.record_stage(name, job.command, [job.recipe_file, *job.code_files])
-            tag = f"{name}@v{registry.next_version(name)}"
+            tag = registry.next_tag(name)
             summary = {
                 "samples": metrics["samples"],
                 "rejected": metrics["rejected"],
                 "recipe_fingerprint": job.recipe.fingerprint(),
                 "run": metrics.get("run", {}),
             }
-            message = f"Release {tag}: {metrics['samples']} samples from {job.recipe_file}"
-            return registry.publish(name, storage, paths, message, f"{tag}\n\n{json.dumps(summary, sort_keys=True)}")
-        except BaseException:
-            registry.rollback(name, paths)
+            released = registry.commit_and_tag(
+                name,
+                tag,
+                storage,
+                paths=[*job.tracked_files(), f"data/{name}"],
+                message=f"Release {tag}: {metrics['samples']} samples from {job.recipe_file}",
+                tag_note=f"{tag}\n\n{json.dumps(summary, sort_keys=True)}",
+                push_retry_delays=job.recipe.execution.retry_delays(),
+            )
+        except BaseException as failure:
+            try:
+                snapshot.restore()
+                _swap_back(job, swapped)
+            except Exception as rollback_failure:  # keep the original error in front
+                failure.add_note(f"rolling back the registry also failed: {rollback_failure}")
             raise
+    shutil.rmtree(job.work_dir)
+    return released
 
 
 def verify_release(release_dir: Path) -> tuple[int, list[str]]:
     """Re-hash every sample in the shards against the manifest: (samples checked, problems)."""
-    manifest = pq.read_table(release_dir / "manifest.parquet", columns=["key", "shard", "payload", "sha256"]).to_pylist()
+    try:
+        manifest = pq.read_table(release_dir / "manifest.parquet", columns=["key", "shard", "payload", "sha256"]).to_pylist()
+    except (OSError, ValueError) as exc:
+        return 0, [f"cannot read {release_dir / 'manifest.parquet'}: {exc}"]
     expected = {row["key"]: row for row in manifest}
     problems, seen = [], 0
     for shard in sorted((release_dir / "shards").glob("*.tar")):
-        for key, files in read_shard(shard):
+        try:
+            samples = list(read_shard(shard))
+        except (OSError, tarfile.TarError) as exc:
+            problems.append(f"{shard.name}: unreadable tar ({exc})")
+            continue
+        for key, files in samples:
             row = expected.pop(key, None)
             if row is None:
                 problems.append(f"{shard.name}: sample {key} is not in the manifest")

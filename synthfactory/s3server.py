@@ -164,7 +164,8 @@ class EmbeddedS3:
         Raises StorageError with the log tail if weed exits or is not ready in time."""
         if self.config is not None and self._alive():
             return self.config
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # the logs name the access key id
         (self.data_dir / "logs").mkdir(exist_ok=True)
         other = _live_weed_pid(self.data_dir)
         if other is not None:
@@ -306,7 +307,7 @@ def start_daemon(data_dir: Path, bucket: str = DEFAULT_BUCKET) -> StorageConfig:
     reuses the saved credentials, and the saved S3 port when free, so exported settings and
     a DVC remote's endpoint stay valid."""
     data_dir = Path(data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with FileLock(str(data_dir / "daemon.lock")):
         running = daemon_config(data_dir)
         if running is not None:

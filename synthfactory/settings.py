@@ -13,8 +13,6 @@ OFFLINE_DEFAULTS = {
     "DVC_NO_ANALYTICS": "1",
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
-    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
 }
 
 
@@ -33,13 +31,19 @@ def embedded_s3_dir() -> Path:
     return data_dir() / "seaweedfs"
 
 
+def storage_configured() -> bool:
+    """Has the user pointed us at an S3 of their own (env vars or env file)?"""
+    from synthfactory.storage import EXPLICIT_VARS
+
+    return any(os.environ.get(name) for name in EXPLICIT_VARS)
+
+
 def resolve_storage():  # -> StorageConfig
     """S3 settings from the environment / env file, else the running embedded server."""
     from synthfactory.s3server import daemon_config
     from synthfactory.storage import StorageConfig, StorageError
 
-    explicit = ("SYNTHFACTORY_S3_ENDPOINT", "SYNTHFACTORY_S3_BUCKET", "SYNTHFACTORY_ENV_FILE")
-    if any(os.environ.get(name) for name in explicit):
+    if storage_configured():
         return StorageConfig.from_env()
     embedded = daemon_config(embedded_s3_dir())
     if embedded is not None:

@@ -112,7 +112,7 @@ def write_shard(
     samples: list[Sample],
     rejections: list[Rejection],
     generator: type[Generator],
-) -> tuple[pa.Table, pa.Table]:
+) -> None:
     """Write the tar, then its manifest fragments (the shard's durable record of what it holds)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, tar_bytes(samples))
@@ -148,7 +148,6 @@ def write_shard(
     fragments_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(fragment_path(fragments_dir, path.name, "manifest"), table=manifest)
     _atomic_write(fragment_path(fragments_dir, path.name, "rejected"), table=rejected)
-    return manifest, rejected
 
 
 def fragment_path(fragments_dir: Path, shard: str, kind: str) -> Path:

@@ -39,7 +39,8 @@ def materialize_release(job: release.ReleaseJob) -> None:
     release.materialize(job)
 
 
-@task(name="publish-release", retries=2, retry_delay_seconds=[2.0, 8.0])
+@task(name="publish-release")
 def publish_release(job: release.ReleaseJob, metrics: dict[str, Any]) -> Release:
-    """Credentials are resolved here, not passed in: task inputs must never hold secrets."""
+    """Not retried as a whole (the push inside is); credentials are resolved here, not
+    passed in, because task inputs must never hold secrets."""
     return release.publish(job, settings.resolve_storage(), metrics)

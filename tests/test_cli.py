@@ -24,20 +24,25 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file() and ".git/" not in p.as_posix()}
 
 
-def test_bad_recipe_exits_2_naming_the_field_and_writes_nothing(tmp_path, repo_root):
+NO_STORAGE = {"SYNTHFACTORY_S3_ENDPOINT": "", "SYNTHFACTORY_S3_BUCKET": "", "SYNTHFACTORY_ENV_FILE": ""}
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_bad_recipe_exits_2_naming_the_field_and_writes_nothing(tmp_path, repo_root, workers):
     recipe = yaml.safe_load((repo_root / "recipes" / "shapes.yaml").read_text())
     recipe["generator"]["params"]["image_size"] = 0
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(recipe))
-    registry = DataRegistry.open(tmp_path / "registry")
-    before = snapshot(registry.root)
+    existing = DataRegistry.open(tmp_path / "registry")
+    before = snapshot(existing.root)
 
-    result = synthfactory("run", str(bad), "--registry", str(registry.root), cwd=tmp_path)
-
-    assert result.returncode == 2
-    assert "generator.params.image_size: must be ≥ 16, got 0" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert snapshot(registry.root) == before
+    for registry in (existing.root, tmp_path / "new-registry"):
+        result = synthfactory("run", str(bad), "--registry", str(registry), *workers, cwd=tmp_path)
+        assert result.returncode == 2
+        assert "generator.params.image_size: must be ≥ 16, got 0" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert snapshot(existing.root) == before
+    assert not (tmp_path / "new-registry").exists()
 
 
 def test_run_outside_a_git_repo_asks_for_a_registry(tmp_path, repo_root):
@@ -46,11 +51,26 @@ def test_run_outside_a_git_repo_asks_for_a_registry(tmp_path, repo_root):
     assert "not inside a git repository: pass --registry PATH" in result.stderr
 
 
-def test_missing_storage_is_one_clear_error(tmp_path, repo_root):
-    env = {"SYNTHFACTORY_DATA_DIR": str(tmp_path / "data"), "SYNTHFACTORY_S3_ENDPOINT": "", "SYNTHFACTORY_S3_BUCKET": "", "SYNTHFACTORY_ENV_FILE": ""}
-    result = synthfactory("pull", "shapes@v1", "--registry", str(tmp_path), cwd=tmp_path, env=env)
+def test_run_without_storage_fails_before_any_work(tmp_path, repo_root):
+    env = {"SYNTHFACTORY_DATA_DIR": str(tmp_path / "data"), **NO_STORAGE}
+    registry = tmp_path / "registry"
+    result = synthfactory("run", str(repo_root / "recipes" / "shapes.yaml"), "--registry", str(registry), cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert "no S3 storage configured" in result.stderr and "synthfactory s3 start" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not registry.exists()
+
+
+def test_read_commands_refuse_a_directory_that_is_not_a_registry(tmp_path):
+    (tmp_path / "plain").mkdir()
+    for args in (["releases"], ["pull", "shapes@v1"]):
+        result = synthfactory(*args, "--registry", str(tmp_path / "plain"), cwd=tmp_path, env=NO_STORAGE)
+        assert result.returncode == 2, args
+        assert "is not the top of a git repository" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "plain" / ".git").exists()
+    validated = synthfactory("validate", str(tmp_path / "plain"), cwd=tmp_path)
+    assert validated.returncode == 2 and "is not a release directory" in validated.stderr
 
 
 @pytest.mark.slow
@@ -79,6 +99,8 @@ def test_releases_validate_and_pull(tmp_path, storage_env, prefect, repo_root):
     pulled = synthfactory("pull", "cli", "--registry", str(registry), "--to", str(tmp_path / "pulled"), cwd=tmp_path, env=env)
     assert pulled.returncode == 0, pulled.stderr
     assert len(list((tmp_path / "pulled" / "shards").glob("*.tar"))) == 3
+    again = synthfactory("pull", "cli@v1", "--registry", str(registry), "--to", str(tmp_path / "pulled"), cwd=tmp_path, env=env)
+    assert again.returncode == 2 and "already exists" in again.stderr
 
     checked = synthfactory("validate", str(tmp_path / "pulled"), cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -121,6 +121,7 @@ def test_failing_gate_publishes_nothing(tmp_path, storage_env, prefect):
     assert "rows unexpected" in message
     assert git(registry.root, "rev-parse", "HEAD") == head
     assert git(registry.root, "tag") == ""
+    assert git(registry.root, "status", "--porcelain") == ""
     assert not (registry.root / "data" / "tiny").exists()
     assert bucket_objects(storage_env) == before
 
@@ -137,6 +138,7 @@ def test_wrong_credentials_fail_before_any_work(tmp_path, storage_env, prefect, 
     assert "AWS_SECRET_ACCESS_KEY" in str(failure.value)
     assert "not-the-secret" not in str(failure.value)
     assert git(registry.root, "rev-parse", "HEAD") == head
+    assert git(registry.root, "status", "--porcelain") == ""
     assert not (registry.root / "data").exists()
     assert not list((registry.scratch / "work").glob("*/release/shards/*.tar"))
 
