@@ -19,7 +19,8 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from synthfactory import pipeline, release, settings
 from synthfactory.progress import ShardProgress
 from synthfactory.validation import prefetch_gx
-from tasks.release import generate_shard, materialize_release, publish_release, stage_release, validate_release
+from tasks.generate import generate_shard
+from tasks.release import materialize_release, publish_release, stage_release, validate_release
 
 settings.apply_offline_defaults()
 

@@ -99,7 +99,7 @@ def validate(release_dir: Annotated[Path, typer.Argument(help="a release directo
     """Re-check a release: shard bytes against the manifest hashes, then the GX gate."""
     from synthfactory.recipe import RecipeError, load_recipe
     from synthfactory.release import gate_spec, verify_release
-    from synthfactory.validation import validate_manifest
+    from synthfactory.validation import manifest_frame, validate_manifest
     import pyarrow.parquet as pq
 
     try:
@@ -112,7 +112,7 @@ def validate(release_dir: Annotated[Path, typer.Argument(help="a release directo
     for problem in problems[:20]:
         console.print(f"[red]{problem}[/]", highlight=False)
     report_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-validation-"))
-    gate = validate_manifest(pq.read_table(release_dir / "manifest.parquet").to_pandas(), gate_spec(recipe), report_dir)
+    gate = validate_manifest(manifest_frame(pq.read_table(release_dir / "manifest.parquet")), gate_spec(recipe), report_dir)
     out.print(f"{checked} samples re-hashed, {len(problems)} problems; gate: {len(gate.outcomes)} expectations, "
               f"{len(gate.failures)} failed (report: {report_dir / 'index.html'})", highlight=False)
     if not gate.success:

@@ -49,10 +49,6 @@ class Registry(Generic[T]):
             known = ", ".join(sorted(self._entries)) or "none"
             raise UnknownPluginError(f"unknown {self.kind} {name!r}; available: {known}") from None
 
-    def names(self) -> list[str]:
-        self._discover()
-        return sorted(self._entries)
-
     def _discover(self) -> None:
         """Import every module of the plug-in package, so a new plug-in is one new file."""
         if self._discovered:

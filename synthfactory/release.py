@@ -28,7 +28,7 @@ from synthfactory.recipe import Recipe, load_recipe
 from synthfactory.registry import DataRegistry, Release
 from synthfactory.shards import ShardPlan, manifest_schema, plan_shards, read_shard
 from synthfactory.storage import StorageConfig, ensure_bucket
-from synthfactory.validation import GateResult, GateSpec, validate_manifest
+from synthfactory.validation import GateResult, GateSpec, manifest_frame, validate_manifest
 
 
 class GateFailedError(RuntimeError):
@@ -150,7 +150,7 @@ def stage(job: ReleaseJob, results: list[pipeline.ShardResult], run: pipeline.Ru
 
 def validate(job: ReleaseJob, metrics: dict[str, Any]) -> GateResult:
     """Run the GX gate on the staged manifest; write metrics, card and recipe beside it."""
-    manifest = pq.read_table(job.stage_dir / "manifest.parquet").to_pandas()
+    manifest = manifest_frame(pq.read_table(job.stage_dir / "manifest.parquet"))
     gate = validate_manifest(manifest, gate_spec(job.recipe), job.stage_dir / "validation")
     failed = len(gate.failures)
     metrics["validation"] = {"success": gate.success, "expectations": len(gate.outcomes), "failed": failed}

@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 MANIFEST_TABLE = "manifest"
 BALANCE_TABLE = "label_balance"
@@ -97,6 +98,15 @@ def prefetch_gx() -> threading.Thread:
     thread = threading.Thread(target=_load_gx, name="gx-prefetch", daemon=True)
     thread.start()
     return thread
+
+
+def manifest_frame(table: pa.Table) -> pd.DataFrame:
+    """Arrow manifest -> the DataFrame the gate validates.
+
+    List columns (labels, bboxes) stay Arrow-backed: GX pickles the frame to identify the
+    batch, and pickling 20k rows of Python lists costs ~1 s, Arrow buffers almost nothing.
+    """
+    return table.to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) else None)
 
 
 def label_balance_table(manifest: pd.DataFrame) -> pd.DataFrame:
