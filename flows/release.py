@@ -47,11 +47,17 @@ def release_flow(
     execution = job.recipe.execution
     generate = generate_shard.with_options(retries=execution.retries, retry_delay_seconds=execution.retry_delays())
     started = time.perf_counter()
-    futures = [generate.submit(job.recipe, plan, job.shards_dir, job.fragments_dir) for plan in job.plans()]
+    futures = {generate.submit(job.recipe, plan, job.shards_dir, job.fragments_dir): plan for plan in job.plans()}
     results = []
     with ShardProgress(job.recipe.name, len(futures)) as progress:
-        for future in as_completed(futures):
-            result = future.result()
+        for future in as_completed(list(futures)):
+            try:
+                result = future.result()
+            except Exception as exc:
+                raise release.ShardFailedError(
+                    f"shard {futures[future].name} failed after {execution.retries + 1} attempts: "
+                    f"{type(exc).__name__}: {exc} (finished shards stay in {job.work_dir})"
+                ) from exc
             results.append(result)
             progress.shard_done(result.samples)
     run = pipeline.RunStats(

@@ -58,14 +58,14 @@ def _release(recipe: Path, registry: Path, samples: int | None, seed: int | None
     from flows.release import run_release
     from synthfactory.recipe import RecipeError
     from synthfactory.registry import RegistryError
-    from synthfactory.release import GateFailedError
+    from synthfactory.release import GateFailedError, ShardFailedError
     from synthfactory.storage import StorageError
 
     try:
         return run_release(str(recipe), str(registry), samples=samples, seed=seed, publish=publish, workers=workers)
     except RecipeError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
-    except (StorageError, GateFailedError, RegistryError) as exc:
+    except (StorageError, GateFailedError, ShardFailedError, RegistryError) as exc:
         raise _fail(str(exc)) from None
     except Exception as exc:  # a shard that kept failing, a crashed worker: Prefect logged the traceback
         raise _fail(f"release of {recipe} failed: {type(exc).__name__}: {exc}") from None

@@ -35,6 +35,10 @@ class GateFailedError(RuntimeError):
     """The validation gate rejected the release; nothing was published."""
 
 
+class ShardFailedError(RuntimeError):
+    """A shard kept failing after its retries; nothing was published."""
+
+
 @dataclass(frozen=True)
 class ReleaseJob:
     """Everything a run needs, resolved up front; holds no secrets (it is a task input)."""

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from flows.release import run_release
-from synthfactory.registry import DataRegistry, RegistryError, dvc_executable
-from synthfactory.release import GateFailedError, verify_release
+from synthfactory.registry import DataRegistry, dvc_executable
+from synthfactory.release import GateFailedError, ShardFailedError, verify_release
 from synthfactory.storage import StorageConfig, StorageError, minio_client
 
 pytestmark = pytest.mark.slow
@@ -156,5 +156,5 @@ def test_failing_shards_are_retried_and_the_release_is_complete(tmp_path, storag
 
 def test_shard_failing_beyond_its_retries_names_the_shard(tmp_path, prefect):
     recipe = write_recipe(tmp_path / "tiny.yaml", faults={"fail_attempts": 5, "shards": [2]})
-    with pytest.raises(Exception, match="injected fault: shard 2 attempt 3"):
+    with pytest.raises(ShardFailedError, match=r"shard tiny-000002.tar failed after 3 attempts: .*injected fault: shard 2 attempt 3"):
         run_release(str(recipe), str(tmp_path / "registry"), publish=False)
