@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -128,15 +129,20 @@ def releases(
 ) -> None:
     """List releases (tags) with sample counts and key metrics."""
     rows = _existing_registry(registry).releases(dataset)
-    table = Table("tag", "date", "samples", "rejected", "accept rate", "label entropy", "distinct captions", "gate")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+                  caption="rej.: rejected samples; label H: normalised label entropy; distinct: distinct-caption ratio")
+    table.add_column("tag", no_wrap=True)
+    table.add_column("date", no_wrap=True)
+    for header in ("samples", "rej.", "accept", "label H", "distinct", "gate"):
+        table.add_column(header, justify="right", min_width=len(header), no_wrap=True)
     for r in rows:
         m = r.metrics
         gate = m.get("validation", {})
         table.add_row(
-            r.tag, r.date[:19], str(m.get("samples", "?")), str(m.get("rejected", "?")),
+            r.tag, r.date[:10], str(m.get("samples", "?")), str(m.get("rejected", "?")),
             str(m.get("accept_rate", "?")), str(m.get("label_entropy_norm", "-")),
             str(m.get("distinct_caption_ratio", "-")),
-            {True: f"{gate.get('expectations', '?')} ok", False: "failed"}.get(gate.get("success"), "?"),
+            {True: "passed", False: "failed"}.get(gate.get("success"), "?"),
         )
     out.print(table if rows else f"no releases{f' of {dataset}' if dataset else ''} yet")
 
