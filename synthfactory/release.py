@@ -131,14 +131,14 @@ def prepare(
 
 def gate_spec(recipe: Recipe) -> GateSpec:
     generator = pipeline.generator_for(recipe)
-    settings = recipe.validation
+    rules = recipe.validation
     labels = generator.labels()
     return GateSpec(
-        expected_rows=(math.ceil(recipe.samples * settings.min_accept_rate), recipe.samples),
-        caption_length=(settings.caption_length.min, settings.caption_length.max),
+        expected_rows=(math.ceil(recipe.samples * rules.min_accept_rate), recipe.samples),
+        caption_length=(rules.caption_length.min, rules.caption_length.max),
         image_size=generator.image_size(),
         label_set=labels,
-        balance_tolerance=settings.balance_tolerance if labels else None,
+        balance_tolerance=rules.balance_tolerance if labels else None,
         required_columns=tuple(manifest_schema(type(generator)).names),
     )
 
