@@ -62,7 +62,6 @@ def release_flow(
             progress.shard_done(result.samples)
     run = pipeline.RunStats(
         seconds=round(time.perf_counter() - started, 3),
-        shards=len(results),
         retries=sum(r.attempt - 1 for r in results),
     )
 

@@ -87,7 +87,6 @@ class RunStats:
     """What the run did, as reported to the user and in metrics.json."""
 
     seconds: float
-    shards: int
     retries: int
 
     def as_dict(self, samples: int) -> dict[str, Any]:
@@ -96,14 +95,14 @@ class RunStats:
 
 def assemble(recipe: Recipe, fragments_dir: Path, results: list[ShardResult], stage_dir: Path) -> pa.Table:
     """Merge shard fragments into stage_dir/{manifest,rejected}.parquet; return the manifest."""
-    ordered = sorted(results, key=lambda r: r.index)
-    schema = manifest_schema(type(generator_for(recipe)))
-    manifest = pa.concat_tables(
-        [pq.read_table(fragment_path(fragments_dir, r.name, "manifest"), schema=schema) for r in ordered]
-    ) if ordered else schema.empty_table()
-    rejected = pa.concat_tables(
-        [pq.read_table(fragment_path(fragments_dir, r.name, "rejected"), schema=REJECTED_SCHEMA) for r in ordered]
-    ) if ordered else REJECTED_SCHEMA.empty_table()
+    names = [r.name for r in sorted(results, key=lambda r: r.index)]
+
+    def merged(kind: str, schema: pa.Schema) -> pa.Table:
+        parts = [pq.read_table(fragment_path(fragments_dir, name, kind), schema=schema) for name in names]
+        return pa.concat_tables(parts) if parts else schema.empty_table()
+
+    manifest = merged("manifest", manifest_schema(type(generator_for(recipe))))
+    rejected = merged("rejected", REJECTED_SCHEMA)
     stage_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(manifest, stage_dir / "manifest.parquet", compression="zstd")
     pq.write_table(rejected, stage_dir / "rejected.parquet", compression="zstd")

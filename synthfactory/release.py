@@ -153,11 +153,12 @@ def stage(job: ReleaseJob, results: list[pipeline.ShardResult], run: pipeline.Ru
 
 
 def validate(job: ReleaseJob, metrics: dict[str, Any]) -> GateResult:
-    """Run the GX gate on the staged manifest; write metrics, card and recipe beside it."""
+    """Run the GX gate on the staged manifest; write metrics (with the verdict), card and
+    recipe beside it. The caller's metrics are left as they were."""
     manifest = manifest_frame(pq.read_table(job.stage_dir / "manifest.parquet"))
     gate = validate_manifest(manifest, gate_spec(job.recipe), job.stage_dir / "validation")
-    failed = len(gate.failures)
-    metrics["validation"] = {"success": gate.success, "expectations": len(gate.outcomes), "failed": failed}
+    verdict_figures = {"success": gate.success, "expectations": len(gate.outcomes), "failed": len(gate.failures)}
+    metrics = {**metrics, "validation": verdict_figures}
     pipeline.write_json(job.stage_dir / "metrics.json", metrics)
     verdict = [f"passed: {len(gate.outcomes)} expectations"] if gate.success else gate.summary().splitlines()
     card = render_card(job.recipe, metrics, verdict, list(job.code_files), pipeline.generator_for(job.recipe).image_size() is not None)
