@@ -32,8 +32,8 @@ RECIPE = REPO / "recipes" / "shapes.yaml"
 def _bare_shard(args: tuple) -> int:
     from synthfactory.pipeline import build_shard
 
-    recipe, plan, shards_dir, fragments_dir = args
-    return build_shard(recipe, plan, shards_dir, fragments_dir).samples
+    recipe, plan, stage_dir, fragments_dir = args
+    return build_shard(recipe, plan, stage_dir, fragments_dir).samples
 
 
 def bare(samples: int, workers: int, root: Path) -> float:
@@ -41,7 +41,7 @@ def bare(samples: int, workers: int, root: Path) -> float:
     from synthfactory.shards import plan_shards
 
     recipe = load_recipe(RECIPE, samples=samples)
-    jobs = [(recipe, plan, root / "shards", root / "fragments") for plan in plan_shards(recipe.name, samples, recipe.shard_size)]
+    jobs = [(recipe, plan, root / "release", root / "fragments") for plan in plan_shards(recipe.name, samples, recipe.shard_size)]
     started = time.perf_counter()
     if workers == 1:
         done = sum(_bare_shard(job) for job in jobs)

@@ -39,15 +39,19 @@ def release_flow(
     samples: int | None = None,
     seed: int | None = None,
     publish: bool = True,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Turn a recipe into a gated release in `registry` (tagged and pushed when `publish`)."""
-    job = release.prepare(recipe_path, registry, samples=samples, seed=seed, publish=publish)
+    """Turn a recipe into a gated release in `registry` (tagged and pushed when `publish`).
+
+    `overrides` are `FIELD.PATH=VALUE` edits of the recipe, as `synthfactory run --set`.
+    """
+    job = release.prepare(recipe_path, registry, samples=samples, seed=seed, publish=publish, overrides=overrides or ())
     prefetch_gx()  # the ~4 s import overlaps generation
 
     execution = job.recipe.execution
     generate = generate_shard.with_options(retries=execution.retries, retry_delay_seconds=execution.retry_delays())
     started = time.perf_counter()
-    futures = {generate.submit(job.recipe, plan, job.shards_dir, job.fragments_dir): plan for plan in job.plans()}
+    futures = {generate.submit(job.recipe, plan, job.stage_dir, job.fragments_dir): plan for plan in job.plans()}
     results = []
     with ShardProgress(job.recipe.name, len(futures)) as progress:
         for future in as_completed(list(futures)):
@@ -97,15 +101,16 @@ def run_release(
     seed: int | None = None,
     publish: bool = True,
     workers: int | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Check the inputs, then run the flow with a process pool sized from `workers` (or
     the recipe, or the CPU count). Bad input fails here, before Prefect starts."""
-    recipe, _ = release.preflight(recipe_path, registry, samples, seed, publish)
+    recipe, _ = release.preflight(recipe_path, registry, samples, seed, publish, overrides or ())
     workers = workers or recipe.execution.workers
     runner = ProcessPoolTaskRunner(max_workers=workers) if workers else ProcessPoolTaskRunner()
     with prefect_api():
         return release_flow.with_options(task_runner=runner)(
-            recipe_path=recipe_path, registry=registry, samples=samples, seed=seed, publish=publish
+            recipe_path=recipe_path, registry=registry, samples=samples, seed=seed, publish=publish, overrides=overrides
         )
 
 

@@ -54,17 +54,28 @@ def _existing_registry(path: Path | None):
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
 
 
-def _release(recipe: Path, registry: Path, samples: int | None, seed: int | None, publish: bool, workers: int | None) -> dict:
+def _release(
+    recipe: Path,
+    registry: Path,
+    samples: int | None,
+    seed: int | None,
+    publish: bool,
+    workers: int | None,
+    overrides: list[str] | None = None,
+) -> dict:
     """Run the release flow, turning failures into one clear message (bad input: exit 2)."""
     from flows.release import run_release
+    from synthfactory.models import ModelError
     from synthfactory.recipe import RecipeError
     from synthfactory.registry import RegistryError
     from synthfactory.release import GateFailedError, ShardFailedError
     from synthfactory.storage import StorageError
 
     try:
-        return run_release(str(recipe), str(registry), samples=samples, seed=seed, publish=publish, workers=workers)
-    except RecipeError as exc:
+        return run_release(
+            str(recipe), str(registry), samples=samples, seed=seed, publish=publish, workers=workers, overrides=overrides
+        )
+    except (RecipeError, ModelError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     except (StorageError, GateFailedError, ShardFailedError, RegistryError) as exc:
         raise _fail(str(exc)) from None
@@ -89,9 +100,13 @@ def run(
     registry: Annotated[Optional[Path], typer.Option(help="data registry repo (default: this git repo)")] = None,
     publish: Annotated[bool, typer.Option(help="push to S3, commit and tag (off: stage into data/ only)")] = True,
     workers: Annotated[Optional[int], typer.Option(min=1, help="parallel shard processes")] = None,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="override a recipe field: FIELD.PATH=VALUE (YAML value), repeatable"),
+    ] = None,
 ) -> None:
     """Generate -> validate -> publish a release of RECIPE."""
-    summary = _release(recipe, registry or _default_registry(), samples, seed, publish, workers)
+    summary = _release(recipe, registry or _default_registry(), samples, seed, publish, workers, overrides)
     _print_summary(summary)
 
 

@@ -19,9 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from synthfactory.generators import GENERATORS, Generator, Rejection, SampleSlot, TransientGeneratorError
+from synthfactory.checks import CHECKS, SampleCheck
+from synthfactory.generators import GENERATORS, Generator, PluginSpec, Rejection, Sample, SampleSlot, TransientGeneratorError
+from synthfactory.plugins import Registry
 from synthfactory.recipe import Recipe
 from synthfactory.shards import (
+    REJECTED_DIR,
     REJECTED_SCHEMA,
     ShardPlan,
     fragment_path,
@@ -43,18 +46,54 @@ class ShardResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_generator(kind: str, params_json: str) -> Generator:
-    """One generator (and so one model load) per worker process and recipe."""
-    cls = GENERATORS.get(kind)
-    return cls(cls.Params.model_validate_json(params_json))
+def _cached_plugin(registry: Registry[Any], kind: str, params_json: str) -> Any:
+    """One plug-in instance per worker process and params; models load lazily on first use."""
+    return registry.get(kind).from_params(json.loads(params_json))
+
+
+def _plugin(registry: Registry[Any], spec: PluginSpec) -> Any:
+    return _cached_plugin(registry, spec.kind, json.dumps(spec.params, sort_keys=True))
 
 
 def generator_for(recipe: Recipe) -> Generator:
-    return _cached_generator(recipe.generator.kind, json.dumps(recipe.generator.params, sort_keys=True))
+    return _plugin(GENERATORS, recipe.generator)
+
+
+def checks_for(recipe: Recipe) -> list[SampleCheck]:
+    return [_plugin(CHECKS, spec) for spec in recipe.checks]
+
+
+def plugins_for(recipe: Recipe) -> list[Generator | SampleCheck]:
+    """Every plug-in a recipe runs: the generator chain (upstream included) and the checks."""
+    return [*generator_for(recipe).chain(), *checks_for(recipe)]
+
+
+def schema_for(recipe: Recipe) -> pa.Schema:
+    return manifest_schema(generator_for(recipe), checks_for(recipe))
+
+
+def planned_rows(recipe: Recipe) -> int:
+    """Samples the release holds if nothing is rejected (slots × outputs per slot)."""
+    return recipe.samples * generator_for(recipe).outputs_per_slot()
+
+
+def run_checks(checks: list[SampleCheck], samples: list[Sample]) -> tuple[list[Sample], list[Rejection]]:
+    """Apply each check in turn: measured columns join the sample, failures are set aside."""
+    refused: list[Rejection] = []
+    for check in checks:
+        kept = []
+        for sample, verdict in zip(samples, check.check(samples) if samples else [], strict=True):
+            sample.columns.update(verdict.columns)
+            if verdict.reason is None:
+                kept.append(sample)
+            else:
+                refused.append(Rejection(sample.slot, verdict.reason, stage=check.plugin_name, sample=sample))
+        samples = kept
+    return samples, refused
 
 
 def build_shard(
-    recipe: Recipe, plan: ShardPlan, shards_dir: Path, fragments_dir: Path, attempt: int = 1
+    recipe: Recipe, plan: ShardPlan, stage_dir: Path, fragments_dir: Path, attempt: int = 1
 ) -> ShardResult:
     """Generate samples [plan.start, plan.stop) and write them as one shard."""
     faults = recipe.faults
@@ -66,12 +105,12 @@ def build_shard(
     samples, rejections = [], []
     for item in generator.generate(slots):
         (rejections if isinstance(item, Rejection) else samples).append(item)
-    if len(samples) + len(rejections) != len(slots):
-        raise RuntimeError(
-            f"generator {recipe.generator.kind} returned {len(samples) + len(rejections)} results for {len(slots)} slots"
-        )
-    path = shards_dir / plan.name
-    write_shard(path, fragments_dir, samples, rejections, type(generator))
+    unfilled = {slot.index for slot in slots} - {item.slot.index for item in (*samples, *rejections)}
+    if unfilled:
+        raise RuntimeError(f"generator {recipe.generator.kind} left {len(unfilled)} slots without a sample or rejection")
+    samples, refused = run_checks(checks_for(recipe), samples)
+    rejections += refused
+    write_shard(stage_dir, plan.name, fragments_dir, samples, rejections, generator, schema_for(recipe))
     return ShardResult(
         index=plan.index,
         name=plan.name,
@@ -101,9 +140,9 @@ def assemble(recipe: Recipe, fragments_dir: Path, results: list[ShardResult], st
         parts = [pq.read_table(fragment_path(fragments_dir, name, kind), schema=schema) for name in names]
         return pa.concat_tables(parts) if parts else schema.empty_table()
 
-    manifest = merged("manifest", manifest_schema(type(generator_for(recipe))))
+    manifest = merged("manifest", schema_for(recipe))
     rejected = merged("rejected", REJECTED_SCHEMA)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / REJECTED_DIR).mkdir(parents=True, exist_ok=True)  # present (maybe empty) in every release
     pq.write_table(manifest, stage_dir / "manifest.parquet", compression="zstd")
     pq.write_table(rejected, stage_dir / "rejected.parquet", compression="zstd")
     return manifest
@@ -116,7 +155,7 @@ def dataset_metrics(
 
     Label entropy is normalised by the expected label set, so a missing class lowers it.
     """
-    planned = recipe.samples
+    planned = planned_rows(recipe)
     captions = manifest.column("caption")
     lengths = pc.utf8_length(captions)
     metrics: dict[str, Any] = {

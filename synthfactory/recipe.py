@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from synthfactory.generators import GENERATORS
-from synthfactory.plugins import UnknownPluginError
+from synthfactory.checks import CHECKS
+from synthfactory.generators import GENERATORS, PluginSpec
+from synthfactory.generators.inputs import RECIPE_DIR
+from synthfactory.plugins import Registry, UnknownPluginError
 
 
 class RecipeError(ValueError):
@@ -26,11 +29,6 @@ class RecipeError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class GeneratorSpec(_Strict):
-    kind: str
-    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class LengthRange(_Strict):
@@ -75,7 +73,8 @@ class Execution(_Strict):
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="dataset name, used in paths and tags")
     description: str = ""
-    generator: GeneratorSpec
+    generator: PluginSpec
+    checks: tuple[PluginSpec, ...] = Field((), description="per-sample checks run right after generation")
     samples: int = Field(ge=1, le=1_000_000_000)
     shard_size: int = Field(1000, ge=1, le=1_000_000)
     seed: int = Field(0, ge=0, le=2**63 - 1)
@@ -91,6 +90,24 @@ class Recipe(_Strict):
         """Content hash of the resolved recipe: same fingerprint, same release bytes."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def input_files(self) -> list[str]:
+        """Files the recipe's plug-ins read, relative to the recipe (params `file` / `*_file`)."""
+        found: list[str] = []
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if (key == "file" or key.endswith("_file")) and isinstance(value, str):
+                        found.append(value)
+                    else:
+                        walk(value)
+            elif isinstance(node, list | tuple):
+                for item in node:
+                    walk(item)
+
+        walk([self.generator.params, *(check.params for check in self.checks)])
+        return sorted(set(found))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -125,39 +142,100 @@ def _field_lines(error: ValidationError, prefix: tuple[str | int, ...] = ()) -> 
     return lines
 
 
-def _generator_params(spec: Any) -> tuple[dict[str, Any] | None, list[str]]:
-    """Validate generator.params with the generator's own model: (resolved params, error lines)."""
+def _plugin_spec(
+    registry: Registry[Any], spec: Any, loc: tuple[str | int, ...], context: dict[str, Any]
+) -> tuple[PluginSpec | None, list[str]]:
+    """Validate a {kind, params} spec with the plug-in's own Params model: (resolved spec, error lines).
+
+    A chained generator's upstream spec (e.g. text-to-image's `captions`) is resolved the
+    same way, so its errors name the full path.
+    """
     if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
         return None, []  # the Recipe model reports the missing/ill-typed kind
     try:
-        generator_cls = GENERATORS.get(spec["kind"])
+        cls = registry.get(spec["kind"])
     except UnknownPluginError as exc:
-        return None, [f"generator.kind: {exc}"]
+        return None, [f"{'.'.join(map(str, loc))}.kind: {exc}"]
+    raw = dict(spec.get("params") or {})
+    lines: list[str] = []
+    upstream = getattr(cls, "upstream", None)
+    if upstream and upstream in raw:
+        resolved, lines = _plugin_spec(registry, raw[upstream], (*loc, "params", upstream), context)
+        raw[upstream] = resolved.model_dump() if resolved else raw[upstream]
     try:
-        params = generator_cls.Params.model_validate(spec.get("params") or {})
+        params = cls.Params.model_validate(raw, context=context)
     except ValidationError as exc:
-        return None, _field_lines(exc, ("generator", "params"))
-    return params.model_dump(mode="json"), []
+        return None, lines + _field_lines(exc, (*loc, "params"))
+    if lines:
+        return None, lines
+    return PluginSpec(kind=spec["kind"], params=params.model_dump(mode="json")), []
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
-    """Validate a recipe mapping; raise RecipeError listing every bad field."""
+def parse_recipe(data: Any, source: str = "recipe", recipe_dir: Path | None = None) -> Recipe:
+    """Validate a recipe mapping; raise RecipeError listing every bad field.
+
+    Files named in plug-in params are read relative to `recipe_dir` (default: cwd).
+    """
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping, got {type(data).__name__}")
-    params, lines = _generator_params(data.get("generator"))
+    context = {RECIPE_DIR: recipe_dir or Path.cwd()}
+    generator, lines = _plugin_spec(GENERATORS, data.get("generator"), ("generator",), context)
+    checks = []
+    for i, spec in enumerate(data.get("checks") or []):
+        check, check_lines = _plugin_spec(CHECKS, spec, ("checks", i), context)
+        checks.append(check)
+        lines += check_lines
     recipe = None
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         lines = _field_lines(exc) + lines
-    if lines or recipe is None or params is None:
+    if generator is not None and not lines:
+        lines += _needs_images(generator, checks)
+    if lines or recipe is None or generator is None:
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(lines))
-    resolved = GeneratorSpec(kind=recipe.generator.kind, params=params)
-    return recipe.model_copy(update={"generator": resolved})
+    return recipe.model_copy(update={"generator": generator, "checks": tuple(checks)})
 
 
-def load_recipe(path: str | Path, *, samples: int | None = None, seed: int | None = None) -> Recipe:
-    """Read a YAML recipe, apply CLI overrides, validate."""
+def _needs_images(generator: PluginSpec, checks: list[PluginSpec | None]) -> list[str]:
+    if GENERATORS.get(generator.kind).from_params(generator.params).image_size() is not None:
+        return []
+    return [
+        f"checks.{i}.kind: {spec.kind} scores images, but generator {generator.kind} makes none"
+        for i, spec in enumerate(checks)
+        if spec is not None and CHECKS.get(spec.kind).needs_images
+    ]
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """`a.b.0.c=value` (value parsed as YAML) sets a nested recipe field, as `--set` does."""
+    path, sep, text = assignment.partition("=")
+    if not sep or not path:
+        raise RecipeError(f"--set {assignment!r}: expected FIELD.PATH=VALUE")
+    keys = path.split(".")
+    node: Any = data
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(f"--set {path}: {'.'.join(keys[:depth]) or 'recipe'} has no item {key}")
+            key = int(key)  # type: ignore[assignment]
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set {path}: {'.'.join(keys[:depth])} is not a mapping")
+        if last:
+            node[key] = yaml.safe_load(text)
+        else:
+            node = node[key] if isinstance(node, list) else node.setdefault(key, {})
+
+
+def load_recipe(
+    path: str | Path,
+    *,
+    samples: int | None = None,
+    seed: int | None = None,
+    overrides: Sequence[str] = (),
+) -> Recipe:
+    """Read a YAML recipe, apply CLI overrides (`--samples`, `--seed`, `--set`), validate."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -175,4 +253,6 @@ def load_recipe(path: str | Path, *, samples: int | None = None, seed: int | Non
             data["samples"] = samples
         if seed is not None:
             data["seed"] = seed
-    return parse_recipe(data, str(path))
+        for assignment in overrides:
+            apply_override(data, assignment)
+    return parse_recipe(data, str(path), path.resolve().parent)

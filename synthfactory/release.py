@@ -11,13 +11,16 @@ import hashlib
 import inspect
 import json
 import math
+import posixpath
 import shlex
 import shutil
 import sys
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -26,7 +29,7 @@ from synthfactory import pipeline, settings
 from synthfactory.card import render_card
 from synthfactory.recipe import Recipe, load_recipe
 from synthfactory.registry import DataRegistry, Release
-from synthfactory.shards import ShardPlan, manifest_schema, plan_shards, read_shard
+from synthfactory.shards import CORE_COLUMNS, SHARDS_DIR, ShardPlan, plan_shards, read_shard
 from synthfactory.storage import StorageConfig, ensure_bucket
 from synthfactory.validation import GateResult, GateSpec, manifest_frame, validate_manifest
 
@@ -47,6 +50,7 @@ class ReleaseJob:
     registry: DataRegistry
     recipe_source: Path
     recipe_file: str  # where the recipe lives inside the registry
+    inputs: tuple[tuple[Path, str], ...]  # (file the recipe reads, its path inside the registry)
     code: tuple[tuple[Path, str], ...]  # (running source file, its path inside the registry)
     command: str  # how `dvc repro` regenerates this release
     work_dir: Path
@@ -55,10 +59,6 @@ class ReleaseJob:
     def stage_dir(self) -> Path:
         """Becomes data/<dataset>/ when the gate passes."""
         return self.work_dir / "release"
-
-    @property
-    def shards_dir(self) -> Path:
-        return self.stage_dir / "shards"
 
     @property
     def fragments_dir(self) -> Path:
@@ -72,23 +72,39 @@ class ReleaseJob:
     def code_files(self) -> tuple[str, ...]:
         return tuple(relative for _, relative in self.code)
 
+    @property
+    def dependencies(self) -> list[str]:
+        """What the dvc.yaml stage depends on: the recipe, the files it reads, the code."""
+        return [self.recipe_file, *(relative for _, relative in self.inputs), *self.code_files]
+
     def plans(self) -> list[ShardPlan]:
         return plan_shards(self.recipe.name, self.recipe.samples, self.recipe.shard_size)
 
     def tracked_files(self) -> list[str]:
         """Files a publish may rewrite besides the release entries; snapshotted for rollback."""
-        return ["dvc.yaml", "dvc.lock", ".dvc/config", self.recipe_file, *self.code_files,
+        return ["dvc.yaml", "dvc.lock", ".dvc/config", *self.dependencies,
                 f"data/{self.recipe.name}/.gitignore"]
 
 
 def _code_files(recipe: Recipe) -> tuple[tuple[Path, str], ...]:
-    """(source file, path relative to its package's parent) of the code that shapes the bytes."""
+    """(source file, path relative to its package's parent) of the code that shapes the bytes:
+    each plug-in's module, the synthfactory modules it imports from, and the shard writer."""
     from synthfactory import shards
-    from synthfactory.generators import base
 
-    generator_module = inspect.getmodule(type(pipeline.generator_for(recipe)))
+    plugin_modules = {inspect.getmodule(type(plugin)) for plugin in pipeline.plugins_for(recipe)}
+    modules = {shards, *plugin_modules}
+    for module in plugin_modules:
+        for value in vars(module).values():
+            if isinstance(value, ModuleType):
+                imported = value
+            elif inspect.isclass(value) or inspect.isfunction(value):
+                imported = inspect.getmodule(value)
+            else:
+                continue
+            if imported is not None and imported.__name__.startswith("synthfactory."):
+                modules.add(imported)
     files = []
-    for module in (generator_module, base, shards):
+    for module in sorted(modules, key=lambda m: m.__name__):  # type: ignore[union-attr]
         source = Path(inspect.getsourcefile(module)).resolve()  # type: ignore[arg-type]
         package_root = Path(sys.modules[module.__name__.split(".")[0]].__file__).resolve().parent.parent  # type: ignore[arg-type]
         files.append((source, source.relative_to(package_root).as_posix()))
@@ -96,10 +112,18 @@ def _code_files(recipe: Recipe) -> tuple[tuple[Path, str], ...]:
 
 
 def preflight(
-    recipe_path: str | Path, registry_path: str | Path, samples: int | None, seed: int | None, publish: bool
+    recipe_path: str | Path,
+    registry_path: str | Path,
+    samples: int | None,
+    seed: int | None,
+    publish: bool,
+    overrides: Sequence[str] = (),
 ) -> tuple[Recipe, DataRegistry]:
-    """Every check that can fail on bad input, before any work: recipe, storage, registry."""
-    recipe = load_recipe(recipe_path, samples=samples, seed=seed)
+    """Every check that can fail on bad input, before any work: recipe, models, storage, registry."""
+    recipe = load_recipe(recipe_path, samples=samples, seed=seed, overrides=overrides)
+    pipeline.generator_for(recipe).preflight()
+    for check in pipeline.checks_for(recipe):
+        check.preflight()
     if publish:
         ensure_bucket(settings.resolve_storage())
     return recipe, DataRegistry.open(Path(registry_path))
@@ -111,9 +135,10 @@ def prepare(
     samples: int | None = None,
     seed: int | None = None,
     publish: bool = True,
+    overrides: Sequence[str] = (),
 ) -> ReleaseJob:
     """Preflight, then give the run a private work dir in the registry's scratch space."""
-    recipe, registry = preflight(recipe_path, registry_path, samples, seed, publish)
+    recipe, registry = preflight(recipe_path, registry_path, samples, seed, publish, overrides)
     recipe_source = Path(recipe_path).resolve()
     try:
         recipe_file = recipe_source.relative_to(registry.root).as_posix()
@@ -124,22 +149,36 @@ def prepare(
         command += ["--samples", str(samples)]
     if seed is not None:
         command += ["--seed", str(seed)]
+    for assignment in overrides:
+        command += ["--set", assignment]
     (registry.scratch / "work").mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-", dir=registry.scratch / "work"))
-    return ReleaseJob(recipe, registry, recipe_source, recipe_file, _code_files(recipe), shlex.join(command), work_dir)
+    inputs = tuple(
+        ((recipe_source.parent / name).resolve(), posixpath.normpath(posixpath.join(posixpath.dirname(recipe_file), name)))
+        for name in recipe.input_files()
+    )
+    return ReleaseJob(
+        recipe, registry, recipe_source, recipe_file, inputs, _code_files(recipe), shlex.join(command), work_dir
+    )
 
 
 def gate_spec(recipe: Recipe) -> GateSpec:
     generator = pipeline.generator_for(recipe)
+    schema = pipeline.schema_for(recipe)
+    planned = pipeline.planned_rows(recipe)
     rules = recipe.validation
     labels = generator.labels()
     return GateSpec(
-        expected_rows=(math.ceil(recipe.samples * rules.min_accept_rate), recipe.samples),
+        expected_rows=(math.ceil(planned * rules.min_accept_rate), planned),
         caption_length=(rules.caption_length.min, rules.caption_length.max),
         image_size=generator.image_size(),
         label_set=labels,
         balance_tolerance=rules.balance_tolerance if labels else None,
-        required_columns=tuple(manifest_schema(type(generator)).names),
+        required_columns=tuple(schema.names),
+        nullable_columns=tuple(field.name for field in schema if field.name not in CORE_COLUMNS),
+        column_minimums=tuple(
+            (column, minimum) for check in pipeline.checks_for(recipe) for column, minimum in check.column_minimums().items()
+        ),
     )
 
 
@@ -210,10 +249,10 @@ def publish(job: ReleaseJob, storage: StorageConfig, metrics: dict[str, Any]) ->
         swapped = _swap_in(job)
         try:
             registry.sync_file(job.recipe_source, job.recipe_file)
-            for source, relative in job.code:
+            for source, relative in (*job.inputs, *job.code):
                 registry.sync_file(source, relative)
             registry.configure_remote(storage)
-            registry.record_stage(name, job.command, [job.recipe_file, *job.code_files])
+            registry.record_stage(name, job.command, job.dependencies)
             tag = registry.next_tag(name)
             summary = {
                 "samples": metrics["samples"],
@@ -249,7 +288,7 @@ def verify_release(release_dir: Path) -> tuple[int, list[str]]:
         return 0, [f"cannot read {release_dir / 'manifest.parquet'}: {exc}"]
     expected = {row["key"]: row for row in manifest}
     problems, seen = [], 0
-    for shard in sorted((release_dir / "shards").glob("*.tar")):
+    for shard in sorted((release_dir / SHARDS_DIR).glob("*.tar")):
         try:
             samples = list(read_shard(shard))
         except (OSError, tarfile.TarError) as exc:

@@ -13,6 +13,7 @@ OFFLINE_DEFAULTS = {
     "DVC_NO_ANALYTICS": "1",
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # per-file load bars; the shard progress bar is ours
 }
 
 

@@ -19,14 +19,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synthfactory.checks import SampleCheck
 from synthfactory.generators import Generator, Rejection, Sample
+from synthfactory.generators.base import derive_seed
 
+#: release sub-directories: accepted samples, and samples a check refused (kept for inspection)
+SHARDS_DIR, REJECTED_DIR = "shards", "rejected"
 #: columns every manifest has, whatever the generator
 CORE_COLUMNS: dict[str, pa.DataType] = {
     "key": pa.string(),
     "shard": pa.string(),
     "index": pa.int64(),
     "seed": pa.int64(),
+    "group": pa.string(),
     "caption": pa.string(),
     "generator": pa.string(),
     "generator_version": pa.string(),
@@ -40,14 +45,20 @@ REJECTED_SCHEMA = pa.schema(
         "shard": pa.string(),
         "index": pa.int64(),
         "seed": pa.int64(),
+        "group": pa.string(),
+        "caption": pa.string(),
         "stage": pa.string(),
         "reason": pa.string(),
     }
 )
 
 
-def manifest_schema(generator: type[Generator]) -> pa.Schema:
-    return pa.schema({**CORE_COLUMNS, **generator.columns})
+def manifest_schema(generator: Generator, checks: Iterable[SampleCheck] = ()) -> pa.Schema:
+    """Core columns, then the generator's, then each check's: fixed types, stable bytes."""
+    columns = {**CORE_COLUMNS, **generator.columns}
+    for check in checks:
+        columns.update(check.columns)
+    return pa.schema(columns)
 
 
 def sample_key(index: int) -> str:
@@ -57,8 +68,7 @@ def sample_key(index: int) -> str:
 
 def sample_seed(recipe_seed: int, index: int) -> int:
     """Per-sample seed: a hash of (recipe seed, index), independent of sharding and workers."""
-    digest = hashlib.blake2b(b"%d:%d" % (recipe_seed, index), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & (2**63 - 1)
+    return derive_seed(recipe_seed, index)
 
 
 def shard_name(dataset: str, shard_index: int) -> str:
@@ -107,23 +117,29 @@ def tar_bytes(samples: Iterable[Sample]) -> bytes:
 
 
 def write_shard(
-    path: Path,
+    stage_dir: Path,
+    name: str,
     fragments_dir: Path,
     samples: list[Sample],
     rejections: list[Rejection],
-    generator: type[Generator],
+    generator: Generator,
+    schema: pa.Schema,
 ) -> None:
-    """Write the tar, then its manifest fragments (the shard's durable record of what it holds)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, tar_bytes(samples))
-    rows = {name: [] for name in manifest_schema(generator).names}
+    """Write shards/<name> (and rejected/<name> for refused samples that have content),
+    then the manifest fragments: the shard's durable record of what it holds."""
+    write_tar(stage_dir / SHARDS_DIR / name, samples)
+    refused = [r.sample for r in rejections if r.sample is not None]
+    if refused:
+        write_tar(stage_dir / REJECTED_DIR / name, refused)
+    rows: dict[str, list] = {column: [] for column in schema.names}
     for sample in samples:
         payload = sample.files[sample.payload]
         core = {
             "key": sample.slot.key,
-            "shard": path.name,
+            "shard": name,
             "index": sample.slot.index,
             "seed": sample.slot.seed,
+            "group": sample.group or sample.slot.key,
             "caption": sample.caption,
             "generator": generator.plugin_name,
             "generator_version": generator.version,
@@ -131,23 +147,30 @@ def write_shard(
             "sha256": hashlib.sha256(payload).hexdigest(),
             "bytes": sum(len(b) for b in sample.files.values()),
         }
-        for name, column in rows.items():
-            column.append(core[name] if name in core else sample.columns.get(name))
-    manifest = pa.table(rows, schema=manifest_schema(generator))
+        for column, values in rows.items():
+            values.append(core[column] if column in core else sample.columns.get(column))
+    manifest = pa.table(rows, schema=schema)
     rejected = pa.table(
         {
             "key": [r.slot.key for r in rejections],
-            "shard": [path.name] * len(rejections),
+            "shard": [name] * len(rejections),
             "index": [r.slot.index for r in rejections],
             "seed": [r.slot.seed for r in rejections],
+            "group": [(r.sample.group or r.slot.key) if r.sample else r.slot.key for r in rejections],
+            "caption": [r.sample.caption if r.sample else None for r in rejections],
             "stage": [r.stage for r in rejections],
             "reason": [r.reason for r in rejections],
         },
         schema=REJECTED_SCHEMA,
     )
     fragments_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(fragment_path(fragments_dir, path.name, "manifest"), table=manifest)
-    _atomic_write(fragment_path(fragments_dir, path.name, "rejected"), table=rejected)
+    _atomic_write(fragment_path(fragments_dir, name, "manifest"), table=manifest)
+    _atomic_write(fragment_path(fragments_dir, name, "rejected"), table=rejected)
+
+
+def write_tar(path: Path, samples: list[Sample]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, tar_bytes(samples))
 
 
 def fragment_path(fragments_dir: Path, shard: str, kind: str) -> Path:

@@ -45,6 +45,10 @@ class GateSpec:
     balance_tolerance: float | None
     required_columns: tuple[str, ...]
     unique_columns: tuple[str, ...] = ("key", "sha256")
+    #: columns that may hold nulls (e.g. `relation` when the template has none)
+    nullable_columns: tuple[str, ...] = ()
+    #: (column, minimum) pairs: per-sample scores re-asserted on the release (clip_score ≥ min)
+    column_minimums: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,10 @@ def _manifest_expectations(gx: ModuleType, spec: GateSpec) -> list[Any]:
         E.ExpectTableColumnsToMatchSet(column_set=list(spec.required_columns), exact_match=False),
         E.ExpectTableRowCountToBeBetween(min_value=spec.expected_rows[0], max_value=spec.expected_rows[1]),
     ]
-    expectations += [E.ExpectColumnValuesToNotBeNull(column=column) for column in spec.required_columns]
+    expectations += [E.ExpectColumnValuesToNotBeNull(column=column)
+                     for column in spec.required_columns if column not in spec.nullable_columns]
+    expectations += [E.ExpectColumnValuesToBeBetween(column=column, min_value=minimum)
+                     for column, minimum in spec.column_minimums]
     expectations += [E.ExpectColumnValuesToBeUnique(column=column) for column in spec.unique_columns]
     expectations.append(E.ExpectColumnValueLengthsToBeBetween(
         column="caption", min_value=spec.caption_length[0], max_value=spec.caption_length[1]))

@@ -17,6 +17,6 @@ from synthfactory.shards import ShardPlan
 
 
 @task(name="generate-shard", task_run_name="generate-{plan.name}", retries=3, retry_delay_seconds=1.0)
-def generate_shard(recipe: Recipe, plan: ShardPlan, shards_dir: Path, fragments_dir: Path) -> ShardResult:
+def generate_shard(recipe: Recipe, plan: ShardPlan, stage_dir: Path, fragments_dir: Path) -> ShardResult:
     """Generate and write one shard; the attempt number makes retries visible in metrics."""
-    return build_shard(recipe, plan, shards_dir, fragments_dir, attempt=task_run.run_count)
+    return build_shard(recipe, plan, stage_dir, fragments_dir, attempt=task_run.run_count)

@@ -66,7 +66,7 @@ def test_shards_are_deterministic_and_match_their_fragments(tmp_path):
     assert [(p.start, p.stop) for p in plan] == [(0, 20), (20, 40), (40, 50)]
     result = build_shard(RECIPE, plan[2], tmp_path / "a", tmp_path / "fa")
     build_shard(RECIPE, plan[2], tmp_path / "b", tmp_path / "fb")
-    tar_a, tar_b = tmp_path / "a" / plan[2].name, tmp_path / "b" / plan[2].name
+    tar_a, tar_b = tmp_path / "a" / "shards" / plan[2].name, tmp_path / "b" / "shards" / plan[2].name
     assert tar_a.read_bytes() == tar_b.read_bytes()
     assert result.samples + result.rejected == 10
 
@@ -75,4 +75,4 @@ def test_shards_are_deterministic_and_match_their_fragments(tmp_path):
     assert [key for key, _ in samples] == [row["key"] for row in manifest]
     assert all(set(files) == {"png", "json", "txt"} for _, files in samples)
     assert [row["index"] for row in manifest] == list(range(40, 50))
-    assert not list((tmp_path / "a").glob(".*.tmp")), "temporary files must be renamed away"
+    assert not list((tmp_path / "a").rglob(".*.tmp")), "temporary files must be renamed away"
