@@ -17,6 +17,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from synthfactory import pipeline, release, settings
+from synthfactory.models import ModelError
 from synthfactory.progress import ShardProgress
 from synthfactory.validation import prefetch_gx
 from tasks.generate import generate_shard
@@ -58,8 +59,9 @@ def release_flow(
             try:
                 result = future.result()
             except Exception as exc:
+                attempts = "(not retried)" if isinstance(exc, ModelError) else f"after {execution.retries + 1} attempts"
                 raise release.ShardFailedError(
-                    f"shard {futures[future].name} failed after {execution.retries + 1} attempts: "
+                    f"shard {futures[future].name} failed {attempts}: "
                     f"{type(exc).__name__}: {exc} (finished shards stay in {job.work_dir})"
                 ) from exc
             results.append(result)

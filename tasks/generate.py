@@ -7,16 +7,35 @@ One task per shard of many samples, never per sample: a task run costs 10-60 ms.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.runtime import task_run
 
+from synthfactory.models import ModelError
 from synthfactory.pipeline import ShardResult, build_shard
 from synthfactory.recipe import Recipe
 from synthfactory.shards import ShardPlan
 
 
-@task(name="generate-shard", task_run_name="generate-{plan.name}", retries=3, retry_delay_seconds=1.0)
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Model errors (missing weights, out of memory) fail the same way every time."""
+    try:
+        state.result()
+    except ModelError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(
+    name="generate-shard",
+    task_run_name="generate-{plan.name}",
+    retries=3,
+    retry_delay_seconds=1.0,
+    retry_condition_fn=worth_retrying,
+)
 def generate_shard(recipe: Recipe, plan: ShardPlan, stage_dir: Path, fragments_dir: Path) -> ShardResult:
     """Generate and write one shard; the attempt number makes retries visible in metrics."""
     return build_shard(recipe, plan, stage_dir, fragments_dir, attempt=task_run.run_count)

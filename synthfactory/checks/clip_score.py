@@ -1,0 +1,97 @@
+"""CLIP score: how well an image matches its caption (Hessel et al. 2021, as torchmetrics
+computes it: 100 × cosine of the CLIP embeddings, floored at 0).
+
+Scores are computed in batches with transformers' `CLIPModel`, stored per sample in the
+manifest (`clip_score`), and samples below `min_score` are refused with the score in the
+reason and kept aside in rejected/.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pydantic import Field
+
+from synthfactory import models
+from synthfactory.checks.base import CHECKS, CheckParams, SampleCheck, Verdict
+from synthfactory.generators.base import Sample
+
+
+class ClipScoreParams(CheckParams):
+    model: str = Field("openai/clip-vit-base-patch32", description="hub id or local dir of a CLIPModel")
+    revision: str | None = None
+    device: str = "auto"
+    dtype: models.DType = "auto"
+    min_score: float = Field(0.0, ge=0, le=100, description="samples scoring below are refused")
+    batch_size: int = Field(64, ge=1, le=4096)
+
+
+@models.load_once
+def _load_clip(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
+    from transformers import AutoProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(path, dtype=models.torch_dtype(dtype, device)).to(device).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+@CHECKS.register("clip-score")
+class ClipScore(SampleCheck):
+    Params = ClipScoreParams
+    version = "1"
+    columns = {"clip_score": pa.float32(), "clip_model": pa.string(), "clip_model_revision": pa.string()}
+    needs_images = True
+    params: ClipScoreParams
+
+    @cached_property
+    def _model(self) -> models.ResolvedModel:
+        return models.resolve_model(self.params.model, self.params.revision, role="clip-score")
+
+    @cached_property
+    def _device(self) -> str:
+        return models.select_device(self.params.device)
+
+    def preflight(self) -> None:
+        self._model, self._device  # noqa: B018  # resolving raises ModelError with the fix
+
+    def check(self, samples: Sequence[Sample]) -> list[Verdict]:
+        scores: list[float] = []
+        for start in range(0, len(samples), self.params.batch_size):
+            scores += self._scores(samples[start : start + self.params.batch_size])
+        provenance = {"clip_model": self._model.id, "clip_model_revision": self._model.revision}
+        return [
+            Verdict(
+                {"clip_score": score, **provenance},
+                None if score >= self.params.min_score else f"clip_score {score:.2f} < min_score {self.params.min_score}",
+            )
+            for score in scores
+        ]
+
+    def _scores(self, batch: Sequence[Sample]) -> list[float]:
+        import torch
+        from PIL import Image
+
+        with models.explain_model_errors(self._model, self._device, "CLIP scoring with"):
+            model, processor = _load_clip(self._model.path, self._device, self.params.dtype)
+            images = [Image.open(io.BytesIO(s.files[s.payload])).convert("RGB") for s in batch]
+            inputs = processor(
+                text=[s.caption for s in batch], images=images, return_tensors="pt", padding=True, truncation=True,
+                max_length=model.config.text_config.max_position_embeddings,
+            ).to(self._device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            with torch.inference_mode():
+                image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+                text = model.get_text_features(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                ).pooler_output
+            image = torch.nn.functional.normalize(image.float(), dim=-1)
+            text = torch.nn.functional.normalize(text.float(), dim=-1)
+            scores = (100 * (image * text).sum(-1)).clamp(min=0)
+        return [round(float(s), 4) for s in scores.cpu()]
+
+    def column_minimums(self) -> dict[str, float]:
+        return {"clip_score": self.params.min_score}

@@ -1,0 +1,204 @@
+"""Images from captions with a diffusers text-to-image pipeline (SynCLR's second stage).
+
+The captions come from an upstream generator declared inside this one's params
+(`captions: {kind: llm-captions, params: ...}`), so one recipe chains the two stages and
+one shard task runs both on the same worker. Each caption gets `images_per_caption`
+images; they share the caption's key as their group and have keys ``<caption key>-<j>``.
+
+Every image has its own CPU `torch.Generator` seeded from (caption seed, j): the initial
+latents, and so the image, do not depend on the batch or the device's RNG. Batches span
+captions; on a GPU the pipeline runs in half precision with PyTorch's fused attention
+(the diffusers default) and, if asked, a compiled UNet.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from synthfactory import models
+from synthfactory.generators.base import (
+    GENERATORS,
+    Generator,
+    GeneratorParams,
+    PluginSpec,
+    Rejection,
+    Sample,
+    SampleSlot,
+    derive_seed,
+)
+
+
+class TextToImageParams(GeneratorParams):
+    captions: PluginSpec = Field(description="the generator whose captions are drawn")
+    model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id or local dir")
+    revision: str | None = None
+    pipeline: str = Field("auto", description="diffusers pipeline class; auto = AutoPipelineForText2Image")
+    scheduler: str | None = Field(None, description="diffusers scheduler class; default: the model's own")
+    device: str = "auto"
+    dtype: models.DType = "auto"
+    compile: bool = Field(False, description="torch.compile the UNet (GPU; pays off on long runs)")
+    images_per_caption: int = Field(4, ge=1, le=64)
+    guidance_scale: float = Field(7.5, ge=0, le=50)
+    steps: int = Field(50, ge=1, le=1000)
+    height: int = Field(512, ge=8, le=4096)
+    width: int = Field(512, ge=8, le=4096)
+    batch_size: int = Field(16, ge=1, le=1024, description="images per pipeline call; whole captions only")
+    image_format: Literal["png", "jpg"] = "png"
+
+    @model_validator(mode="after")
+    def _whole_captions(self) -> "TextToImageParams":
+        if self.batch_size % self.images_per_caption:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of images_per_caption ({self.images_per_caption})"
+            )
+        if self.scheduler is not None:
+            import diffusers
+
+            if not self.scheduler.endswith("Scheduler") or not hasattr(diffusers, self.scheduler):
+                raise ValueError(f"scheduler {self.scheduler!r} is not a diffusers scheduler class")
+        return self
+
+
+@models.load_once
+def _load_pipeline(path: Path, pipeline: str, scheduler: str | None, device: str, dtype: str, compile: bool) -> Any:
+    import diffusers
+    import torch
+
+    diffusers.utils.logging.disable_progress_bar()  # per-component and per-step bars; ours counts shards
+    loader = diffusers.AutoPipelineForText2Image if pipeline == "auto" else getattr(diffusers, pipeline)
+    pipe = loader.from_pretrained(path, dtype=models.torch_dtype(dtype, device))
+    if scheduler is not None:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if device.startswith("cuda"):
+        pipe.unet.to(memory_format=torch.channels_last)
+        if compile:
+            pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
+    return pipe
+
+
+def encode_image(image: Any, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    if image_format == "png":
+        image.save(buffer, format="PNG", compress_level=1)
+    else:
+        image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@GENERATORS.register("text-to-image")
+class TextToImage(Generator):
+    Params = TextToImageParams
+    upstream = "captions"
+    version = "1"
+    params: TextToImageParams
+
+    @cached_property
+    def captions(self) -> Generator:
+        return GENERATORS.get(self.params.captions.kind).from_params(self.params.captions.params)
+
+    @property
+    def columns(self) -> dict[str, pa.DataType]:  # type: ignore[override]
+        own = {
+            "image_model": pa.string(),
+            "image_model_revision": pa.string(),
+            "scheduler": pa.string(),
+            "steps": pa.int32(),
+            "guidance_scale": pa.float32(),
+            "image_seed": pa.int64(),
+            "caption_key": pa.string(),
+            "width": pa.int32(),
+            "height": pa.int32(),
+        }
+        return {**self.captions.columns, **own}
+
+    @cached_property
+    def model(self) -> models.ResolvedModel:
+        return models.resolve_model(self.params.model, self.params.revision, role="image")
+
+    @cached_property
+    def device(self) -> str:
+        return models.select_device(self.params.device)
+
+    def preflight(self) -> None:
+        self.captions.preflight()
+        self.model, self.device  # noqa: B018  # resolving raises ModelError with the fix
+
+    def outputs_per_slot(self) -> int:
+        return self.params.images_per_caption * self.captions.outputs_per_slot()
+
+    def image_size(self) -> tuple[int, int]:
+        return self.params.width, self.params.height
+
+    def pipeline(self) -> Any:
+        p = self.params
+        return _load_pipeline(self.model.path, p.pipeline, p.scheduler, self.device, p.dtype, p.compile)
+
+    def render(self, captions: Sequence[str], seeds: Sequence[int]) -> list[Any]:
+        """One PIL image per seed; seeds are grouped by caption, images_per_caption each."""
+        import torch
+
+        p = self.params
+        with models.explain_model_errors(self.model, self.device, "image generation with"):
+            return self.pipeline()(
+                prompt=list(captions),
+                num_images_per_prompt=p.images_per_caption,
+                num_inference_steps=p.steps,
+                guidance_scale=p.guidance_scale,
+                height=p.height,
+                width=p.width,
+                generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+                output_type="pil",
+            ).images
+
+    def generate(self, slots: Sequence[SampleSlot]) -> Iterator[Sample | Rejection]:
+        per_batch = self.params.batch_size // self.params.images_per_caption
+        pending: list[Sample] = []
+        for item in self.captions.generate(slots):
+            if isinstance(item, Rejection):
+                yield item
+                continue
+            pending.append(item)
+            if len(pending) == per_batch:
+                yield from self.draw(pending)
+                pending = []
+        if pending:
+            yield from self.draw(pending)
+
+    def draw(self, captions: list[Sample]) -> Iterator[Sample]:
+        """images_per_caption image samples per caption sample, grouped under the caption key."""
+        p = self.params
+        k = p.images_per_caption
+        seeds = [derive_seed(c.slot.seed, j) for c in captions for j in range(k)]
+        images = self.render([c.caption for c in captions], seeds)
+        scheduler = type(self.pipeline().scheduler).__name__
+        for n, (image, seed) in enumerate(zip(images, seeds, strict=True)):
+            caption = captions[n // k]
+            slot = SampleSlot(caption.slot.index, f"{caption.slot.key}-{n % k}", seed)
+            columns = {
+                **caption.columns,
+                "image_model": self.model.id,
+                "image_model_revision": self.model.revision,
+                "scheduler": scheduler,
+                "steps": p.steps,
+                "guidance_scale": p.guidance_scale,
+                "image_seed": seed,
+                "caption_key": caption.slot.key,
+                "width": image.width,
+                "height": image.height,
+            }
+            files = {
+                p.image_format: encode_image(image, p.image_format),
+                "txt": caption.caption.encode(),
+                "json": json.dumps(columns, sort_keys=True).encode(),
+            }
+            yield Sample(slot, caption.caption, files, payload=p.image_format, columns=columns, group=caption.slot.key)
