@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/release_throughput.py
+	$(BIN)/python bench/model_throughput.py
 
 s3-start: $(STAMP)
 	$(BIN)/synthfactory s3 start

@@ -196,6 +196,27 @@ def pull(
     out.print(f"pulled {tag} into {target}")
 
 
+@app.command("tiny-models")
+def tiny_models(
+    target: Annotated[Path, typer.Argument(help="directory to write llm/, clip/ and sd/ into")],
+) -> None:
+    """Write tiny random-weight LLM, CLIP and Stable Diffusion models (no download), to try
+    the model recipes offline on CPU; prints the --set flags that point recipes/synclr.yaml at them."""
+    from synthfactory.tinymodels import write_all
+
+    paths = write_all(target)
+    out.print(f"wrote tiny models to {target.resolve()}; try:", highlight=False)
+    flags = [
+        f"--set generator.params.model={paths['sd'].resolve()}",
+        f"--set generator.params.captions.params.model={paths['llm'].resolve()}",
+        f"--set checks.0.params.model={paths['clip'].resolve()}",
+        "--set generator.params.height=64 --set generator.params.width=64 --set generator.params.steps=4",
+        "--set validation.caption_length.min=1 --set validation.min_accept_rate=0.1",
+    ]
+    out.print("  synthfactory run recipes/synclr.yaml --samples 16 --no-publish \\\n    " + " \\\n    ".join(flags),
+              highlight=False, soft_wrap=True)
+
+
 @app.command()
 def demo(
     samples: Annotated[Optional[int], typer.Option(help="override the demo recipe's sample count")] = None,

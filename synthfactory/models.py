@@ -15,8 +15,11 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
     import torch
@@ -185,5 +188,30 @@ def load_once(loader: Callable[..., T]) -> Callable[..., T]:
     return functools.lru_cache(maxsize=4)(loader)
 
 
-def describe(model: ResolvedModel) -> dict[str, Any]:
-    return {"id": model.id, "revision": model.revision}
+class ModelSettings(BaseModel):
+    """The params every model-backed plug-in takes (mixed into its Params model)."""
+
+    model: str = Field(description="hub id or local dir (save_pretrained layout)")
+    revision: str | None = Field(None, description="hub branch, tag or commit; default main")
+    device: DeviceName = "auto"
+    dtype: DType = "auto"
+
+
+class UsesModel:
+    """Mixin for plug-ins whose params are `ModelSettings`: the model is resolved (not
+    loaded) on first use, and `preflight` resolves it up front so a bad one fails early."""
+
+    #: what the model does, in error messages ("caption model 'x' …")
+    model_role: ClassVar[str]
+    params: Any
+
+    @cached_property
+    def model(self) -> ResolvedModel:
+        return resolve_model(self.params.model, self.params.revision, role=self.model_role)
+
+    @cached_property
+    def device(self) -> DeviceName:
+        return select_device(self.params.device)
+
+    def preflight(self) -> None:
+        self.model, self.device  # noqa: B018  # resolving raises ModelError with the fix

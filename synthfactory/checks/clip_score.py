@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,8 @@ from synthfactory.checks.base import CHECKS, CheckParams, SampleCheck, Verdict
 from synthfactory.generators.base import Sample
 
 
-class ClipScoreParams(CheckParams):
+class ClipScoreParams(CheckParams, models.ModelSettings):
     model: str = Field("openai/clip-vit-base-patch32", description="hub id or local dir of a CLIPModel")
-    revision: str | None = None
-    device: str = "auto"
-    dtype: models.DType = "auto"
     min_score: float = Field(0.0, ge=0, le=100, description="samples scoring below are refused")
     batch_size: int = Field(64, ge=1, le=4096)
 
@@ -40,29 +36,19 @@ def _load_clip(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
 
 
 @CHECKS.register("clip-score")
-class ClipScore(SampleCheck):
+class ClipScore(models.UsesModel, SampleCheck):
     Params = ClipScoreParams
     version = "1"
     columns = {"clip_score": pa.float32(), "clip_model": pa.string(), "clip_model_revision": pa.string()}
     needs_images = True
+    model_role = "clip-score"
     params: ClipScoreParams
-
-    @cached_property
-    def _model(self) -> models.ResolvedModel:
-        return models.resolve_model(self.params.model, self.params.revision, role="clip-score")
-
-    @cached_property
-    def _device(self) -> str:
-        return models.select_device(self.params.device)
-
-    def preflight(self) -> None:
-        self._model, self._device  # noqa: B018  # resolving raises ModelError with the fix
 
     def check(self, samples: Sequence[Sample]) -> list[Verdict]:
         scores: list[float] = []
         for start in range(0, len(samples), self.params.batch_size):
             scores += self._scores(samples[start : start + self.params.batch_size])
-        provenance = {"clip_model": self._model.id, "clip_model_revision": self._model.revision}
+        provenance = {"clip_model": self.model.id, "clip_model_revision": self.model.revision}
         return [
             Verdict(
                 {"clip_score": score, **provenance},
@@ -75,13 +61,13 @@ class ClipScore(SampleCheck):
         import torch
         from PIL import Image
 
-        with models.explain_model_errors(self._model, self._device, "CLIP scoring with"):
-            model, processor = _load_clip(self._model.path, self._device, self.params.dtype)
+        with models.explain_model_errors(self.model, self.device, "CLIP scoring with"):
+            model, processor = _load_clip(self.model.path, self.device, self.params.dtype)
             images = [Image.open(io.BytesIO(s.files[s.payload])).convert("RGB") for s in batch]
             inputs = processor(
                 text=[s.caption for s in batch], images=images, return_tensors="pt", padding=True, truncation=True,
                 max_length=model.config.text_config.max_position_embeddings,
-            ).to(self._device)
+            ).to(self.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             with torch.inference_mode():
                 image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output

@@ -20,7 +20,6 @@ import random
 import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +98,8 @@ SYNCLR_TEMPLATES = (
 )
 
 
-class LLMCaptionParams(GeneratorParams):
+class LLMCaptionParams(GeneratorParams, models.ModelSettings):
     model: str = Field("meta-llama/Llama-2-7b-hf", description="hub id or local dir of a causal LM")
-    revision: str | None = None
-    device: str = "auto"
-    dtype: models.DType = "auto"
     concepts: tuple[ConceptSource, ...] = Field(min_length=1)
     backgrounds: tuple[str, ...] = ()
     backgrounds_file: str | None = None
@@ -186,7 +182,7 @@ def _seeded_sampler(seeds: Sequence[int], temperature: float, top_p: float) -> A
 
 
 @GENERATORS.register("llm-captions")
-class LLMCaptions(Generator):
+class LLMCaptions(models.UsesModel, Generator):
     Params = LLMCaptionParams
     version = "1"
     columns = {
@@ -200,18 +196,8 @@ class LLMCaptions(Generator):
         "caption_model_revision": pa.string(),
         "caption_seed": pa.int64(),
     }
+    model_role = "caption"
     params: LLMCaptionParams
-
-    @cached_property
-    def model(self) -> models.ResolvedModel:
-        return models.resolve_model(self.params.model, self.params.revision, role="caption")
-
-    @cached_property
-    def device(self) -> str:
-        return models.select_device(self.params.device)
-
-    def preflight(self) -> None:
-        self.model, self.device  # noqa: B018  # resolving raises ModelError with the fix
 
     def prompt(self, slot: SampleSlot) -> Prompt:
         """Everything random about a caption except the LM's tokens, drawn from the slot seed."""

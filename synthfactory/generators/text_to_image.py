@@ -36,14 +36,11 @@ from synthfactory.generators.base import (
 )
 
 
-class TextToImageParams(GeneratorParams):
+class TextToImageParams(GeneratorParams, models.ModelSettings):
     captions: PluginSpec = Field(description="the generator whose captions are drawn")
     model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id or local dir")
-    revision: str | None = None
     pipeline: str = Field("auto", description="diffusers pipeline class; auto = AutoPipelineForText2Image")
     scheduler: str | None = Field(None, description="diffusers scheduler class; default: the model's own")
-    device: str = "auto"
-    dtype: models.DType = "auto"
     compile: bool = Field(False, description="torch.compile the UNet (GPU; pays off on long runs)")
     images_per_caption: int = Field(4, ge=1, le=64)
     guidance_scale: float = Field(7.5, ge=0, le=50)
@@ -73,6 +70,7 @@ def _load_pipeline(path: Path, pipeline: str, scheduler: str | None, device: str
     import torch
 
     diffusers.utils.logging.disable_progress_bar()  # per-component and per-step bars; ours counts shards
+    diffusers.utils.logging.set_verbosity_error()  # e.g. "truncated to 77 tokens" on every long caption
     loader = diffusers.AutoPipelineForText2Image if pipeline == "auto" else getattr(diffusers, pipeline)
     pipe = loader.from_pretrained(path, dtype=models.torch_dtype(dtype, device))
     if scheduler is not None:
@@ -96,9 +94,10 @@ def encode_image(image: Any, image_format: str) -> bytes:
 
 
 @GENERATORS.register("text-to-image")
-class TextToImage(Generator):
+class TextToImage(models.UsesModel, Generator):
     Params = TextToImageParams
     upstream = "captions"
+    model_role = "image"
     version = "1"
     params: TextToImageParams
 
@@ -121,17 +120,9 @@ class TextToImage(Generator):
         }
         return {**self.captions.columns, **own}
 
-    @cached_property
-    def model(self) -> models.ResolvedModel:
-        return models.resolve_model(self.params.model, self.params.revision, role="image")
-
-    @cached_property
-    def device(self) -> str:
-        return models.select_device(self.params.device)
-
     def preflight(self) -> None:
         self.captions.preflight()
-        self.model, self.device  # noqa: B018  # resolving raises ModelError with the fix
+        super().preflight()
 
     def outputs_per_slot(self) -> int:
         return self.params.images_per_caption * self.captions.outputs_per_slot()
