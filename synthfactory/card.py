@@ -7,6 +7,7 @@ recipe and code give the same card.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -26,7 +27,9 @@ def render_card(
     gate_lines: list[str],
     code_files: list[str],
     has_images: bool,
+    models: Sequence[tuple[str, str, str]] = (),
 ) -> str:
+    """`models`: (role, id, revision) of every model the recipe ran."""
     front = {
         "pretty_name": recipe.name,
         "size_categories": [_size_category(metrics["samples"])],
@@ -38,6 +41,7 @@ def render_card(
     label_rows = "\n".join(f"| {label} | {count} |" for label, count in labels.items())
     verdict = "\n".join(f"- {line}" for line in gate_lines)
     code = "\n".join(f"- `{path}`" for path in code_files)
+    model_lines = "".join(f"\n- {role} model: `{ident}` at revision `{revision}`" for role, ident, revision in models)
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -48,7 +52,7 @@ def render_card(
 
 ## Provenance
 
-- Generator: `{recipe.generator.kind}` (params below)
+- Generator: `{recipe.generator.kind}` (params below){model_lines}
 - Recipe fingerprint: `{recipe.fingerprint()}`
 - Seed: `{recipe.seed}`; each sample's seed is derived from (seed, sample index) and stored in the manifest
 - Code hashed into `dvc.lock` for this release:
@@ -60,6 +64,7 @@ def render_card(
   members `<key>.png|jpg`, `<key>.json`, `<key>.txt`)
 - `manifest.parquet`: one row per sample (key, shard, caption, labels, generator, seed, sha256 of the payload)
 - `rejected.parquet`: {metrics["rejected"]} planned samples that were rejected, with the reason
+  (`rejected/*.tar` keeps the samples a check refused)
 - `metrics.json`: the figures `dvc metrics diff` compares between releases
 - `validation/index.html`: the Great Expectations report of the release gate
 

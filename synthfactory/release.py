@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from synthfactory import pipeline, settings
 from synthfactory.card import render_card
+from synthfactory.models import UsesModel
 from synthfactory.recipe import Recipe, load_recipe
 from synthfactory.registry import DataRegistry, Release
 from synthfactory.shards import CORE_COLUMNS, SHARDS_DIR, ShardPlan, plan_shards, read_shard
@@ -200,7 +201,13 @@ def validate(job: ReleaseJob, metrics: dict[str, Any]) -> GateResult:
     metrics = {**metrics, "validation": verdict_figures}
     pipeline.write_json(job.stage_dir / "metrics.json", metrics)
     verdict = [f"passed: {len(gate.outcomes)} expectations"] if gate.success else gate.summary().splitlines()
-    card = render_card(job.recipe, metrics, verdict, list(job.code_files), pipeline.generator_for(job.recipe).image_size() is not None)
+    models_used = [
+        (plugin.model_role, plugin.model.id, plugin.model.revision)
+        for plugin in pipeline.plugins_for(job.recipe)
+        if isinstance(plugin, UsesModel)
+    ]
+    has_images = pipeline.generator_for(job.recipe).image_size() is not None
+    card = render_card(job.recipe, metrics, verdict, list(job.code_files), has_images, models_used)
     (job.stage_dir / "README.md").write_text(card)
     (job.stage_dir / "recipe.yaml").write_text(job.recipe.to_yaml())
     return gate

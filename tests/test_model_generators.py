@@ -156,6 +156,9 @@ def test_synclr_recipe_releases_end_to_end(tiny, tmp_path, storage_env, prefect)
     dvc_yaml = (registry / "dvc.yaml").read_text()
     assert "recipes/synclr/examples.yaml" in dvc_yaml and "synthfactory/generators/llm_captions.py" in dvc_yaml
     assert "--set" in dvc_yaml
+    card = (release / "README.md").read_text()
+    assert f"image model: `{tiny['sd']}` at revision `sha256:" in card
+    assert "caption model: `" in card and "clip-score model: `" in card
 
 
 @pytest.mark.slow
@@ -255,6 +258,7 @@ def test_out_of_memory_becomes_an_actionable_error(tiny):
 @pytest.mark.parametrize("override, expected", [
     ("generator.params.batch_size=6", "generator.params: batch_size (6) must be a multiple of images_per_caption (4)"),
     ("generator.params.scheduler=FastScheduler", "scheduler 'FastScheduler' is not a diffusers scheduler class"),
+    ("generator.params.pipeline=FluxPipe", "pipeline 'FluxPipe' is not a diffusers pipeline class"),
     ("generator.params.captions.params.examples_per_prompt=9", "generator.params.captions.params: template 'concept' has 5 examples"),
     ("generator.params.captions.params.concepts.0.file=missing.txt", "generator.params.captions.params.concepts.0: cannot read"),
     ("generator.params.captions.params.temperature=0", "generator.params.captions.params.temperature: must be > 0"),
@@ -270,3 +274,14 @@ def test_bad_model_recipe_fields_are_named(override, expected):
 def test_clip_score_needs_a_generator_that_makes_images():
     with pytest.raises(RecipeError, match="checks.0.kind: clip-score scores images, but generator llm-captions makes none"):
         load_recipe(INSTRUCTIONS, overrides=["checks=[{kind: clip-score}]"])
+
+
+def test_recipe_scheduler_replaces_the_models_own(tiny):
+    recipe = load_recipe(SYNCLR, overrides=[
+        *synclr_overrides(tiny), "generator.params.scheduler=EulerAncestralDiscreteScheduler"])
+    images = generator_for(recipe)
+    caption = Sample(slots(recipe, 1)[0], "a red bicycle", {"txt": b"a red bicycle"}, "txt")
+    first, second = list(images.draw([caption])), list(images.draw([caption]))
+    assert {s.columns["scheduler"] for s in first} == {"EulerAncestralDiscreteScheduler"}
+    assert [s.files["png"] for s in first] == [s.files["png"] for s in second]  # ancestral noise is seeded too
+    assert len({s.files["png"] for s in first}) == 4

@@ -39,7 +39,8 @@ from synthfactory.generators.base import (
 class TextToImageParams(GeneratorParams, models.ModelSettings):
     captions: PluginSpec = Field(description="the generator whose captions are drawn")
     model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id or local dir")
-    pipeline: str = Field("auto", description="diffusers pipeline class; auto = AutoPipelineForText2Image")
+    pipeline: str = Field("auto", description="diffusers pipeline class; auto: AutoPipelineForText2Image, "
+                          "else the class the model's model_index.json declares")
     scheduler: str | None = Field(None, description="diffusers scheduler class; default: the model's own")
     compile: bool = Field(False, description="torch.compile the UNet (GPU; pays off on long runs)")
     images_per_caption: int = Field(4, ge=1, le=64)
@@ -51,16 +52,18 @@ class TextToImageParams(GeneratorParams, models.ModelSettings):
     image_format: Literal["png", "jpg"] = "png"
 
     @model_validator(mode="after")
-    def _whole_captions(self) -> "TextToImageParams":
+    def _consistent(self) -> "TextToImageParams":
         if self.batch_size % self.images_per_caption:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of images_per_caption ({self.images_per_caption})"
             )
-        if self.scheduler is not None:
+        for field, value, suffix in (("scheduler", self.scheduler, "Scheduler"), ("pipeline", self.pipeline, "Pipeline")):
+            if value in (None, "auto"):
+                continue
             import diffusers
 
-            if not self.scheduler.endswith("Scheduler") or not hasattr(diffusers, self.scheduler):
-                raise ValueError(f"scheduler {self.scheduler!r} is not a diffusers scheduler class")
+            if not value.endswith(suffix) or not hasattr(diffusers, value):
+                raise ValueError(f"{field} {value!r} is not a diffusers {suffix.lower()} class")
         return self
 
 
@@ -71,8 +74,14 @@ def _load_pipeline(path: Path, pipeline: str, scheduler: str | None, device: str
 
     diffusers.utils.logging.disable_progress_bar()  # per-component and per-step bars; ours counts shards
     diffusers.utils.logging.set_verbosity_error()  # e.g. "truncated to 77 tokens" on every long caption
-    loader = diffusers.AutoPipelineForText2Image if pipeline == "auto" else getattr(diffusers, pipeline)
-    pipe = loader.from_pretrained(path, dtype=models.torch_dtype(dtype, device))
+    torch_dtype = models.torch_dtype(dtype, device)
+    if pipeline != "auto":
+        pipe = getattr(diffusers, pipeline).from_pretrained(path, dtype=torch_dtype)
+    else:
+        try:
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(path, dtype=torch_dtype)
+        except ValueError:  # a pipeline the auto class does not map: load the class the model declares
+            pipe = diffusers.DiffusionPipeline.from_pretrained(path, dtype=torch_dtype)
     if scheduler is not None:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe = pipe.to(device)
