@@ -285,3 +285,30 @@ def test_recipe_scheduler_replaces_the_models_own(tiny):
     assert {s.columns["scheduler"] for s in first} == {"EulerAncestralDiscreteScheduler"}
     assert [s.files["png"] for s in first] == [s.files["png"] for s in second]  # ancestral noise is seeded too
     assert len({s.files["png"] for s in first}) == 4
+
+
+def test_a_hub_id_loads_from_the_hf_cache_offline_pinned_to_its_commit(tiny, tmp_path):
+    """The path real users take: a hub id already in HF_HUB_CACHE, HF_HUB_OFFLINE=1."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf-cache" / "models--synthfactory--tiny-llm"
+    shutil.copytree(tiny["llm"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_OFFLINE": "1"}
+    cli = str(Path(sys.executable).with_name("synthfactory"))
+    result = subprocess.run(
+        [cli, "run", str(INSTRUCTIONS), "--samples", "4", "--no-publish", "--workers", "1",
+         "--registry", str(tmp_path / "registry"), "--set", "generator.params.model=synthfactory/tiny-llm",
+         "--set", "generator.params.max_new_tokens=8", "--set", "validation.caption_length.min=1",
+         "--set", "validation.min_accept_rate=0.25"],
+        capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = pq.read_table(tmp_path / "registry" / "data" / "instructions" / "manifest.parquet").to_pylist()
+    assert {row["caption_model"] for row in manifest} == {"synthfactory/tiny-llm"}
+    assert {row["caption_model_revision"] for row in manifest} == {commit}
