@@ -1,0 +1,1 @@
+"""Dataset quality measures: near-duplicates, diversity, balance, privacy (plain functions)."""
