@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from synthfactory.checks import CHECKS, SampleCheck
+from synthfactory.checks import CHECKS, Check, DatasetCheck, DatasetView, PreviousRelease
 from synthfactory.generators import GENERATORS, Generator, PluginSpec, Rejection, Sample, SampleSlot, TransientGeneratorError
 from synthfactory.plugins import Registry
 from synthfactory.recipe import Recipe
@@ -31,6 +31,7 @@ from synthfactory.shards import (
     manifest_schema,
     sample_key,
     sample_seed,
+    set_aside,
     write_shard,
 )
 
@@ -59,11 +60,11 @@ def generator_for(recipe: Recipe) -> Generator:
     return _plugin(GENERATORS, recipe.generator)
 
 
-def checks_for(recipe: Recipe) -> list[SampleCheck]:
+def checks_for(recipe: Recipe) -> list[Check]:
     return [_plugin(CHECKS, spec) for spec in recipe.checks]
 
 
-def plugins_for(recipe: Recipe) -> list[Generator | SampleCheck]:
+def plugins_for(recipe: Recipe) -> list[Generator | Check]:
     """Every plug-in a recipe runs: the generator chain (upstream included) and the checks."""
     return [*generator_for(recipe).chain(), *checks_for(recipe)]
 
@@ -77,7 +78,7 @@ def planned_rows(recipe: Recipe) -> int:
     return recipe.samples * generator_for(recipe).outputs_per_slot()
 
 
-def run_checks(checks: list[SampleCheck], samples: list[Sample]) -> tuple[list[Sample], list[Rejection]]:
+def run_checks(checks: list[Check], samples: list[Sample]) -> tuple[list[Sample], list[Rejection]]:
     """Apply each check in turn: measured columns join the sample, failures are set aside."""
     refused: list[Rejection] = []
     for check in checks:
@@ -132,24 +133,71 @@ class RunStats:
         return {**asdict(self), "samples_per_s": round(samples / self.seconds, 1) if self.seconds else None}
 
 
-def assemble(recipe: Recipe, fragments_dir: Path, results: list[ShardResult], stage_dir: Path) -> pa.Table:
-    """Merge shard fragments into stage_dir/{manifest,rejected}.parquet; return the manifest."""
+def assemble(recipe: Recipe, fragments_dir: Path, results: list[ShardResult]) -> tuple[pa.Table, pa.Table]:
+    """Merge the shard fragments: (manifest, rejected) in shard order."""
     names = [r.name for r in sorted(results, key=lambda r: r.index)]
 
     def merged(kind: str, schema: pa.Schema) -> pa.Table:
         parts = [pq.read_table(fragment_path(fragments_dir, name, kind), schema=schema) for name in names]
         return pa.concat_tables(parts) if parts else schema.empty_table()
 
-    manifest = merged("manifest", schema_for(recipe))
-    rejected = merged("rejected", REJECTED_SCHEMA)
+    return merged("manifest", schema_for(recipe)), merged("rejected", REJECTED_SCHEMA)
+
+
+@dataclass
+class Quality:
+    """What the dataset-level checks found, for metrics.json, the gate and the report."""
+
+    metrics: dict[str, dict[str, float]]  # check -> metric -> value
+    limits: list[tuple[str, float | None, float | None]]  # (check_metric, min, max) the gate enforces
+    notes: list[str]
+
+
+def dataset_checks_for(recipe: Recipe) -> list[DatasetCheck]:
+    return [check for check in checks_for(recipe) if isinstance(check, DatasetCheck)]
+
+
+def judge_dataset(
+    recipe: Recipe, stage_dir: Path, manifest: pa.Table, rejected: pa.Table, previous: PreviousRelease | None
+) -> tuple[pa.Table, pa.Table, Quality]:
+    """Run the dataset-level checks in recipe order; samples a check refuses leave the
+    shards for rejected/ (and rejected.parquet, with the check and reason) before the
+    next check looks. Returns the final (manifest, rejected) and the quality figures."""
+    view = DatasetView(manifest, generator_for(recipe).labels())
+    quality = Quality({}, [], [])
+    for check in dataset_checks_for(recipe):
+        findings = check.evaluate(view, previous)
+        name = check.plugin_name
+        quality.metrics[name] = findings.metrics
+        quality.limits += [(f"{name}_{metric}", low, high) for metric, (low, high) in findings.limits.items()]
+        quality.notes += [f"{name}: {note}" for note in findings.notes]
+        if findings.rejected:
+            refused_mask = pc.is_in(view.manifest.column("key"), value_set=pa.array(list(findings.rejected)))
+            refused = view.manifest.filter(refused_mask)
+            rejected = pa.concat_tables([rejected, _rejected_rows(refused, name, findings.rejected)])
+            for shard in set(refused.column("shard").to_pylist()):
+                keys = {k for k, s in zip(refused.column("key").to_pylist(), refused.column("shard").to_pylist()) if s == shard}
+                set_aside(stage_dir, shard, keys)
+            view = view.without(refused_mask)
+    return view.manifest, rejected, quality
+
+
+def _rejected_rows(refused: pa.Table, stage: str, reasons: dict[str, str]) -> pa.Table:
+    keys = refused.column("key").to_pylist()
+    columns = {name: refused.column(name) for name in ("key", "shard", "index", "seed", "group", "caption")}
+    return pa.table(
+        {**columns, "stage": [stage] * len(keys), "reason": [reasons[k] for k in keys]}, schema=REJECTED_SCHEMA
+    )
+
+
+def write_stage(stage_dir: Path, manifest: pa.Table, rejected: pa.Table) -> None:
     (stage_dir / REJECTED_DIR).mkdir(parents=True, exist_ok=True)  # present (maybe empty) in every release
     pq.write_table(manifest, stage_dir / "manifest.parquet", compression="zstd")
     pq.write_table(rejected, stage_dir / "rejected.parquet", compression="zstd")
-    return manifest
 
 
 def dataset_metrics(
-    recipe: Recipe, manifest: pa.Table, rejected: int, labels: tuple[str, ...] | None
+    recipe: Recipe, manifest: pa.Table, rejected: pa.Table, labels: tuple[str, ...] | None
 ) -> dict[str, Any]:
     """Figures that `dvc metrics show/diff` compares between releases.
 
@@ -162,7 +210,8 @@ def dataset_metrics(
         "samples": manifest.num_rows,
         "planned": planned,
         "shards": recipe.shard_count,
-        "rejected": rejected,
+        "rejected": rejected.num_rows,
+        "rejected_by": dict(sorted(Counter(rejected.column("stage").to_pylist()).items())),
         "accept_rate": round(manifest.num_rows / planned, 4),
         "bytes": int(pc.sum(manifest.column("bytes")).as_py() or 0),
         "caption_length_mean": round(pc.mean(lengths).as_py() or 0.0, 2),

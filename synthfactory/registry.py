@@ -27,7 +27,7 @@ from synthfactory.storage import StorageConfig
 
 REMOTE_NAME = "storage"
 #: the parts of a release tracked in DVC's cache (the rest is small and goes to git)
-CACHED_OUTS = ("shards", "rejected", "manifest.parquet", "rejected.parquet", "validation")
+CACHED_OUTS = ("shards", "rejected", "manifest.parquet", "rejected.parquet", "validation", "report")
 GIT_OUTS = ("README.md", "recipe.yaml")
 METRICS_FILE = "metrics.json"
 BOT_IDENTITY = {

@@ -7,6 +7,7 @@ turn them into a gated, versioned release.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -24,15 +25,21 @@ from types import ModuleType
 from typing import Any
 
 import pyarrow.parquet as pq
+import yaml
 
 from synthfactory import pipeline, settings
 from synthfactory.card import render_card
+from synthfactory.checks import DatasetView, PreviousRelease
 from synthfactory.models import UsesModel
 from synthfactory.recipe import Recipe, load_recipe
-from synthfactory.registry import DataRegistry, Release
+from synthfactory.registry import DataRegistry, RegistryError, Release
+from synthfactory.report import render_report
 from synthfactory.shards import CORE_COLUMNS, SHARDS_DIR, ShardPlan, plan_shards, read_shard
 from synthfactory.storage import StorageConfig, ensure_bucket
-from synthfactory.validation import GateResult, GateSpec, manifest_frame, validate_manifest
+from synthfactory.validation import GateResult, GateSpec, manifest_frame, quality_row, validate_manifest
+
+#: the key under which stage() hands validate() the quality limits (not written to metrics.json)
+GATE_LIMITS = "gate_limits"
 
 
 class GateFailedError(RuntimeError):
@@ -183,22 +190,60 @@ def gate_spec(recipe: Recipe) -> GateSpec:
     )
 
 
+def previous_release(job: ReleaseJob) -> PreviousRelease | None:
+    """The latest release of the dataset, with its samples when the workspace holds them
+    (data/<dataset>/ is that release, not another version checked out)."""
+    releases = job.registry.releases(job.recipe.name)
+    if not releases:
+        return None
+    latest = releases[-1]
+    data = None
+    workspace = job.release_dir
+    try:
+        in_workspace = json.loads((workspace / "metrics.json").read_text()) == latest.metrics
+    except (OSError, json.JSONDecodeError):
+        in_workspace = False
+    if in_workspace and (workspace / "manifest.parquet").exists():
+        labels = pipeline.generator_for(job.recipe).labels()
+        data = DatasetView(pq.read_table(workspace / "manifest.parquet"), labels)
+    try:
+        recipe = yaml.safe_load(job.registry.git("show", f"{latest.tag}:data/{job.recipe.name}/recipe.yaml"))
+    except (RegistryError, yaml.YAMLError):
+        recipe = None
+    return PreviousRelease(latest.tag, latest.metrics, data, same_recipe=recipe == job.recipe.model_dump(mode="json"))
+
+
 def stage(job: ReleaseJob, results: list[pipeline.ShardResult], run: pipeline.RunStats) -> dict[str, Any]:
-    """Merge shard fragments into the staged manifest and metrics; return the metrics."""
-    manifest = pipeline.assemble(job.recipe, job.fragments_dir, results, job.stage_dir)
+    """Merge shard fragments, run the dataset-level checks (which may set samples aside),
+    write the staged manifest; return the metrics (with the gate's quality limits)."""
+    manifest, rejected = pipeline.assemble(job.recipe, job.fragments_dir, results)
+    previous = previous_release(job) if pipeline.dataset_checks_for(job.recipe) else None
+    manifest, rejected, quality = pipeline.judge_dataset(job.recipe, job.stage_dir, manifest, rejected, previous)
+    pipeline.write_stage(job.stage_dir, manifest, rejected)
     labels = pipeline.generator_for(job.recipe).labels()
-    metrics = pipeline.dataset_metrics(job.recipe, manifest, sum(r.rejected for r in results), labels)
+    metrics = pipeline.dataset_metrics(job.recipe, manifest, rejected, labels)
     metrics["run"] = run.as_dict(manifest.num_rows)
+    if quality.metrics:
+        metrics["quality"] = quality.metrics
+    metrics[GATE_LIMITS] = {
+        "limits": quality.limits,
+        "notes": quality.notes,
+        "previous": previous.tag if previous else None,
+        "previous_quality": previous.metrics.get("quality", {}) if previous else {},
+    }
     return metrics
 
 
 def validate(job: ReleaseJob, metrics: dict[str, Any]) -> GateResult:
     """Run the GX gate on the staged manifest; write metrics (with the verdict), card and
     recipe beside it. The caller's metrics are left as they were."""
-    manifest = manifest_frame(pq.read_table(job.stage_dir / "manifest.parquet"))
-    gate = validate_manifest(manifest, gate_spec(job.recipe), job.stage_dir / "validation")
+    metrics = dict(metrics)
+    judged = metrics.pop(GATE_LIMITS, {"limits": [], "notes": []})
+    table = pq.read_table(job.stage_dir / "manifest.parquet")
+    spec = dataclasses.replace(gate_spec(job.recipe), metric_limits=tuple(map(tuple, judged["limits"])))
+    gate = validate_manifest(manifest_frame(table), spec, job.stage_dir / "validation", quality_row(metrics.get("quality", {})))
     verdict_figures = {"success": gate.success, "expectations": len(gate.outcomes), "failed": len(gate.failures)}
-    metrics = {**metrics, "validation": verdict_figures}
+    metrics["validation"] = verdict_figures
     pipeline.write_json(job.stage_dir / "metrics.json", metrics)
     verdict = [f"passed: {len(gate.outcomes)} expectations"] if gate.success else gate.summary().splitlines()
     models_used = [
@@ -209,6 +254,8 @@ def validate(job: ReleaseJob, metrics: dict[str, Any]) -> GateResult:
     has_images = pipeline.generator_for(job.recipe).image_size() is not None
     card = render_card(job.recipe, metrics, verdict, list(job.code_files), has_images, models_used)
     (job.stage_dir / "README.md").write_text(card)
+    render_report(job.stage_dir, job.recipe.name, table, pq.read_table(job.stage_dir / "rejected.parquet"),
+                  metrics, judged, verdict)
     (job.stage_dir / "recipe.yaml").write_text(job.recipe.to_yaml())
     return gate
 

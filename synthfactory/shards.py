@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from synthfactory.checks import SampleCheck
+from synthfactory.checks import Check
 from synthfactory.generators import Generator, Rejection, Sample
 from synthfactory.generators.base import derive_seed
 
@@ -53,7 +53,7 @@ REJECTED_SCHEMA = pa.schema(
 )
 
 
-def manifest_schema(generator: Generator, checks: Iterable[SampleCheck] = ()) -> pa.Schema:
+def manifest_schema(generator: Generator, checks: Iterable[Check] = ()) -> pa.Schema:
     """Core columns, then the generator's, then each check's: fixed types, stable bytes."""
     columns = {**CORE_COLUMNS, **generator.columns}
     for check in checks:
@@ -104,13 +104,14 @@ def _atomic_write(path: Path, data: bytes | None = None, table: pa.Table | None 
     os.replace(tmp, path)
 
 
-def tar_bytes(samples: Iterable[Sample]) -> bytes:
+def tar_bytes(members: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
+    """(key, {ext: bytes}) pairs as a deterministic USTAR tar."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            for ext in sorted(sample.files):
-                data = sample.files[ext]
-                info = tarfile.TarInfo(f"{sample.slot.key}.{ext}")
+        for key, files in members:
+            for ext in sorted(files):
+                data = files[ext]
+                info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode, info.mtime = len(data), 0o644, 0
                 tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
@@ -170,7 +171,22 @@ def write_shard(
 
 def write_tar(path: Path, samples: list[Sample]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, tar_bytes(samples))
+    _atomic_write(path, tar_bytes((s.slot.key, s.files) for s in samples))
+
+
+def set_aside(stage_dir: Path, name: str, keys: set[str]) -> None:
+    """Move samples `keys` of shard `name` from shards/ to rejected/ (a dataset-level check
+    refused them after the shard was written); both tars stay sorted by key."""
+    shard = stage_dir / SHARDS_DIR / name
+    aside = stage_dir / REJECTED_DIR / name
+    kept, moved = [], []
+    for key, files in read_shard(shard):
+        (moved if key in keys else kept).append((key, files))
+    if aside.exists():
+        moved += list(read_shard(aside))
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(aside, tar_bytes(sorted(moved, key=lambda member: member[0])))
+    _atomic_write(shard, tar_bytes(kept))
 
 
 def fragment_path(fragments_dir: Path, shard: str, kind: str) -> Path:

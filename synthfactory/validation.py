@@ -26,6 +26,7 @@ import pyarrow as pa
 
 MANIFEST_TABLE = "manifest"
 BALANCE_TABLE = "label_balance"
+QUALITY_TABLE = "quality_metrics"
 DOCS_SITE = "release_gate"
 _EXAMPLES_SHOWN = 3
 
@@ -49,6 +50,8 @@ class GateSpec:
     nullable_columns: tuple[str, ...] = ()
     #: (column, minimum) pairs: per-sample scores re-asserted on the release (clip_score ≥ min)
     column_minimums: tuple[tuple[str, float], ...] = ()
+    #: (quality metric, min, max): dataset-level check figures the release must meet
+    metric_limits: tuple[tuple[str, float | None, float | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,17 @@ def _balance_expectations(gx: ModuleType, label_set: tuple[str, ...], tolerance:
     return expectations
 
 
+def quality_row(quality: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """The dataset-level figures as a one-row table, one column per `<check>_<metric>`."""
+    return pd.DataFrame([{f"{check}_{metric}": value for check, figures in quality.items()
+                          for metric, value in figures.items()}])
+
+
+def _quality_expectations(gx: ModuleType, limits: tuple[tuple[str, float | None, float | None], ...]) -> list[Any]:
+    return [gx.expectations.ExpectColumnValuesToBeBetween(column=metric, min_value=low, max_value=high)
+            for metric, low, high in limits]
+
+
 def _ephemeral_context(gx: ModuleType, report_dir: Path) -> Any:
     """In-memory stores; the only thing written to disk is the Data Docs site in report_dir."""
     from great_expectations.data_context.types.base import (
@@ -261,8 +275,14 @@ def _outcomes(table: str, validation: Any) -> list[ExpectationOutcome]:
     return outcomes
 
 
-def validate_manifest(manifest: pd.DataFrame, spec: GateSpec, report_dir: Path) -> GateResult:
-    """Run the release gate; writes Data Docs (index.html) and result.json into report_dir."""
+def validate_manifest(
+    manifest: pd.DataFrame, spec: GateSpec, report_dir: Path, quality: pd.DataFrame | None = None
+) -> GateResult:
+    """Run the release gate; writes Data Docs (index.html) and result.json into report_dir.
+
+    `quality` is the one-row table of dataset-level figures (`quality_row`) that
+    `spec.metric_limits` apply to, so one GX report shows every check.
+    """
     report_dir = Path(report_dir).resolve()
     report_dir.mkdir(parents=True, exist_ok=True)
     with _GX_LOCK:
@@ -281,7 +301,11 @@ def validate_manifest(manifest: pd.DataFrame, spec: GateSpec, report_dir: Path) 
                 gx, context, BALANCE_TABLE, label_balance_table(manifest),
                 _balance_expectations(gx, spec.label_set, spec.balance_tolerance),
                 {"result_format": "COMPLETE", "unexpected_index_column_names": ["label"]}, run_id)
-        # One site build renders both suites and both results, and the index that links them.
+        if spec.metric_limits:
+            validations[QUALITY_TABLE] = _run_checkpoint(
+                gx, context, QUALITY_TABLE, quality if quality is not None else pd.DataFrame([{}]),
+                _quality_expectations(gx, spec.metric_limits), {"result_format": "COMPLETE"}, run_id)
+        # One site build renders every suite and both results, and the index that links them.
         context.build_data_docs(site_names=[DOCS_SITE])
         # get_context() made this context the process-wide current one, and its datasources
         # cache the batch: drop them so the manifest is not kept alive after the gate.

@@ -1,10 +1,18 @@
-"""The sample-check plug-in interface.
+"""The check plug-in interfaces: per sample, and per dataset.
 
-A check looks at a batch of generated samples and returns one verdict per sample: the
-manifest columns it measured (a score) and, when the sample fails, the reason. Like a
-datatrove filter step it is one small class with one abstract method. Checks run inside
-the shard task, right after generation, so a model-backed check (CLIP) batches on the
-same device and loads once per worker; refused samples are kept aside with the reason.
+A `SampleCheck` looks at a batch of generated samples and returns one verdict per
+sample: the manifest columns it measured (a score) and, when the sample fails, the
+reason. Like a datatrove filter step it is one small class with one abstract method.
+Sample checks run inside the shard task, right after generation, so a model-backed check
+(CLIP) batches on the same device and loads once per worker.
+
+A `DatasetCheck` judges the staged release as a whole (duplicates across shards,
+diversity against the previous release, balance): one abstract method returning
+metrics, the limits the gate enforces on them, and the samples it refuses. It may also
+measure per-sample columns in the shard task (a perceptual hash), where work is parallel.
+
+Refused samples are never silently dropped: they are kept aside with the check's name
+and the reason.
 """
 
 from __future__ import annotations
@@ -12,13 +20,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 from synthfactory.generators.base import Sample
 from synthfactory.plugins import Registry
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class CheckParams(BaseModel):
@@ -35,11 +47,12 @@ class Verdict:
     reason: str | None = None
 
 
-class SampleCheck(ABC):
-    """Subclass, declare `Params`, `columns` and `version`, implement `check`, register."""
+class Check(ABC):
+    """What every check has: params, a registry name, a version, the columns it adds."""
 
     Params: ClassVar[type[CheckParams]]
     plugin_name: ClassVar[str]
+    #: bump when the verdicts for the same params change
     version: ClassVar[str]
     #: manifest columns the check adds, with their Arrow types
     columns: ClassVar[dict[str, pa.DataType]] = {}
@@ -50,19 +63,86 @@ class SampleCheck(ABC):
         self.params = params
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "SampleCheck":
+    def from_params(cls, params: dict[str, Any]) -> "Check":
         return cls(cls.Params.model_validate(params))
 
     def preflight(self) -> None:
         """Fail fast, before any shard runs, on inputs that cannot work (missing model weights)."""
 
-    @abstractmethod
     def check(self, samples: Sequence[Sample]) -> list[Verdict]:
-        """One verdict per sample, in order."""
+        """Per-sample verdicts, in the shard task; by default no columns and no refusals."""
+        return [Verdict() for _ in samples]
 
     def column_minimums(self) -> dict[str, float]:
         """Lower bounds the validation gate re-asserts on the released manifest."""
         return {}
 
 
-CHECKS: Registry[SampleCheck] = Registry("check", "synthfactory.checks")
+class SampleCheck(Check):
+    """Subclass, declare `Params`, `columns` and `version`, implement `check`, register."""
+
+    @abstractmethod
+    def check(self, samples: Sequence[Sample]) -> list[Verdict]:
+        """One verdict per sample, in order."""
+
+
+@dataclass
+class DatasetView:
+    """A release's accepted samples as a dataset-level check sees them."""
+
+    manifest: pa.Table
+    labels: tuple[str, ...] | None = None  # the label set the generator promises
+
+    @cached_property
+    def caption_embeddings(self) -> "np.ndarray":
+        """Sentence embeddings of the captions, computed once and shared by every check."""
+        from synthfactory.quality.near_duplicates import embed_texts
+
+        return embed_texts(self.manifest.column("caption").to_pylist())
+
+    def without(self, mask: pa.ChunkedArray | pa.Array) -> "DatasetView":
+        """The view minus the rows in `mask`, keeping embeddings already computed."""
+        import pyarrow.compute as pc
+
+        keep = pc.invert(mask)
+        view = DatasetView(self.manifest.filter(keep), self.labels)
+        if "caption_embeddings" in self.__dict__:
+            view.caption_embeddings = self.caption_embeddings[keep.to_numpy(zero_copy_only=False)]
+        return view
+
+
+@dataclass
+class PreviousRelease:
+    """The release this one replaces: its tag and metrics, and its samples when the
+    registry's workspace holds them (for cross-release checks)."""
+
+    tag: str
+    metrics: dict[str, Any]
+    data: DatasetView | None
+    #: made by the same resolved recipe: a reproduction, byte-identical by design
+    same_recipe: bool = False
+
+
+@dataclass
+class Findings:
+    """What a dataset-level check found."""
+
+    #: figures for metrics.json and the report (`dvc metrics diff` compares them)
+    metrics: dict[str, float]
+    #: metric -> (min, max) the gate enforces; None leaves a side open
+    limits: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    #: sample key -> reason, for samples the check refuses
+    rejected: dict[str, str] = field(default_factory=dict)
+    #: what the report should say besides the figures (e.g. a comparison that was skipped)
+    notes: list[str] = field(default_factory=list)
+
+
+class DatasetCheck(Check):
+    """Subclass, declare `Params` and `version`, implement `evaluate`, register."""
+
+    @abstractmethod
+    def evaluate(self, data: DatasetView, previous: PreviousRelease | None) -> Findings:
+        """Judge the staged release (and compare it with the previous one, if any)."""
+
+
+CHECKS: Registry[Check] = Registry("check", "synthfactory.checks")

@@ -1,0 +1,83 @@
+"""Balance and bias: the label (or concept) distribution against the recipe's target,
+and the balance of declared attribute columns (colour, background, template).
+
+Generators amplify the biases of their prompts and models; this check measures the KL
+divergence from the target distribution, each class's share, and the normalised entropy
+of each attribute, and fails the gate outside the recipe's limits.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from pydantic import Field
+
+from synthfactory.checks.base import CHECKS, CheckParams, DatasetCheck, DatasetView, Findings, PreviousRelease
+from synthfactory.quality import diversity as dv
+
+
+class BalanceParams(CheckParams):
+    column: str = Field("label", description="the categorical column whose distribution is judged")
+    target: dict[str, float] | None = Field(None, description="target shares; default: uniform over the labels")
+    max_kl: float | None = Field(0.05, ge=0, description="largest KL(observed || target) in nats")
+    min_share: float | None = Field(None, ge=0, le=1)
+    max_share: float | None = Field(None, ge=0, le=1)
+    attributes: tuple[str, ...] = Field((), description="categorical columns (or list columns) to measure")
+    min_attribute_balance: float | None = Field(0.8, ge=0, le=1, description="normalised entropy floor per attribute")
+
+
+def _values(column: list[Any]) -> list[Any]:
+    """A list column counts each element (a scene's colours); None is not a value."""
+    flat: list[Any] = []
+    for value in column:
+        if isinstance(value, list):
+            flat.extend(value)
+        elif value is not None:
+            flat.append(value)
+    return flat
+
+
+@CHECKS.register("balance")
+class Balance(DatasetCheck):
+    Params = BalanceParams
+    version = "1"
+    params: BalanceParams
+
+    def evaluate(self, data: DatasetView, previous: PreviousRelease | None) -> Findings:
+        p = self.params
+        manifest = data.manifest
+        metrics: dict[str, float] = {}
+        limits: dict[str, tuple[float | None, float | None]] = {}
+        notes: list[str] = []
+        counts = Counter(_values(manifest.column(p.column).to_pylist())) if p.column in manifest.column_names else None
+        if counts:
+            expected = p.target or dict.fromkeys(data.labels or sorted(counts), 1.0)
+            unexpected = [label for label in counts if expected.get(label, 0) <= 0]
+            metrics["unexpected_labels"] = len(unexpected)
+            limits["unexpected_labels"] = (None, 0)
+            if unexpected:
+                notes.append(f"{p.column} values outside the target: {', '.join(map(str, sorted(unexpected)[:5]))}")
+            judged = {label: n for label, n in counts.items() if label not in unexpected}
+            for label in expected:
+                judged.setdefault(label, 0)
+            if any(judged.values()):
+                metrics["kl_divergence"] = round(dv.kl_divergence(judged, expected), 5)
+            metrics["share_min"], metrics["share_max"] = (round(s, 4) for s in dv.share_extremes(judged))
+            if p.max_kl is not None and "kl_divergence" in metrics:
+                limits["kl_divergence"] = (None, p.max_kl)
+            if p.min_share is not None:
+                limits["share_min"] = (p.min_share, None)
+            if p.max_share is not None:
+                limits["share_max"] = (None, p.max_share)
+        else:
+            notes.append(f"no {p.column!r} values to balance")
+        for attribute in p.attributes:
+            if attribute not in manifest.column_names:
+                notes.append(f"no attribute column {attribute!r}")
+                continue
+            name = f"balance_{attribute}"
+            metrics[name] = round(dv.attribute_balance(_values(manifest.column(attribute).to_pylist())), 4)
+            if p.min_attribute_balance is not None:
+                limits[name] = (p.min_attribute_balance, None)
+        return Findings(metrics=metrics, limits=limits, notes=notes)

@@ -1,0 +1,144 @@
+"""Duplicates: exact (same payload bytes), near-duplicate images (perceptual hash within
+a Hamming distance), near-duplicate captions (sentence-embedding cosine), within the
+release and against the previous release of the dataset.
+
+Duplicates inflate a dataset without adding information; the first sample of each
+group is kept and the others are refused with the key they duplicate. The gate fails a
+release whose duplicate rate exceeds `max_duplicate_rate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from synthfactory.checks.base import (
+    CHECKS,
+    CheckParams,
+    DatasetCheck,
+    DatasetView,
+    Findings,
+    PreviousRelease,
+    Verdict,
+)
+from synthfactory.generators.base import Sample
+from synthfactory.quality import near_duplicates as nd
+
+IMAGE_PAYLOADS = ("png", "jpg", "jpeg", "webp")
+
+
+class DedupParams(CheckParams):
+    exact: bool = Field(True, description="refuse samples whose payload bytes repeat")
+    image_max_distance: int | None = Field(
+        4, ge=0, le=32, description="pHash Hamming distance counted as the same image; null: off"
+    )
+    text_min_similarity: float | None = Field(
+        None, gt=0, le=1, description="caption cosine counted as the same text (MiniLM); null: off"
+    )
+    against_previous: bool = Field(True, description="also refuse duplicates of the previous release")
+    max_duplicate_rate: float = Field(0.05, ge=0, le=1, description="refused duplicates / samples above this fails the gate")
+
+
+def _hashes(column: list[str | None]) -> np.ndarray:
+    return np.array([int(h, 16) for h in column], dtype=np.uint64)
+
+
+@CHECKS.register("dedup")
+class Dedup(DatasetCheck):
+    Params = DedupParams
+    version = "1"
+    columns = {"phash": pa.string()}
+    params: DedupParams
+
+    def check(self, samples: Sequence[Sample]) -> list[Verdict]:
+        """The perceptual hash of each image, in the shard task where the work is parallel."""
+        if self.params.image_max_distance is None:
+            return [Verdict() for _ in samples]
+        return [
+            Verdict({"phash": f"{nd.perceptual_hash(s.files[s.payload]):016x}"} if s.payload in IMAGE_PAYLOADS else {})
+            for s in samples
+        ]
+
+    def evaluate(self, data: DatasetView, previous: PreviousRelease | None) -> Findings:
+        p = self.params
+        manifest = data.manifest
+        keys = manifest.column("key").to_pylist()
+        refused: dict[int, str] = {}
+        counts = {"exact": 0, "image": 0, "text": 0, "previous": 0}
+
+        def refuse(index: int, kind: str, reason: str) -> None:
+            if index not in refused:
+                refused[index] = reason
+                counts[kind] += 1
+
+        if p.exact:
+            first: dict[str, int] = {}
+            for i, digest in enumerate(manifest.column("sha256").to_pylist()):
+                if digest in first:
+                    refuse(i, "exact", f"exact duplicate of {keys[first[digest]]}")
+                first.setdefault(digest, i)
+        phashes = manifest.column("phash").to_pylist() if "phash" in manifest.column_names else []
+        with_hash = [i for i, h in enumerate(phashes) if h is not None]
+        if p.image_max_distance is not None and with_hash:
+            hashes = _hashes([phashes[i] for i in with_hash])
+            pairs = nd.hash_pairs(hashes, p.image_max_distance)
+            for dropped, (kept, distance) in nd.duplicates_to_drop(len(hashes), pairs).items():
+                i, j = with_hash[dropped], with_hash[kept]
+                refuse(i, "image", f"near-duplicate image of {keys[j]} (pHash Hamming {distance})")
+        if p.text_min_similarity is not None and keys:
+            pairs = nd.similar_pairs(data.caption_embeddings, p.text_min_similarity)
+            for dropped, (kept, similarity) in nd.duplicates_to_drop(len(keys), pairs).items():
+                refuse(dropped, "text", f"near-duplicate caption of {keys[kept]} (cosine {similarity:.3f})")
+
+        notes = []
+        if p.against_previous and previous is not None:
+            if previous.same_recipe:
+                notes.append(f"{previous.tag} was made by the same recipe (a reproduction): not compared")
+            elif previous.data is None:
+                notes.append(
+                    f"cross-release dedup skipped: {previous.tag}'s samples are not in the workspace "
+                    "(dvc pull its data to compare)"
+                )
+            else:
+                self._against(data, previous, keys, refuse)
+        rate = len(refused) / max(1, len(keys))
+        return Findings(
+            metrics={
+                "duplicates_exact": counts["exact"],
+                "duplicates_image": counts["image"],
+                "duplicates_text": counts["text"],
+                "duplicates_previous": counts["previous"],
+                "duplicate_rate": round(rate, 4),
+            },
+            limits={"duplicate_rate": (None, p.max_duplicate_rate)},
+            rejected={keys[i]: reason for i, reason in sorted(refused.items())},
+            notes=notes,
+        )
+
+    def _against(self, data: DatasetView, previous: PreviousRelease, keys: list[str], refuse) -> None:
+        p, old = self.params, previous.data
+        assert old is not None
+        old_keys = old.manifest.column("key").to_pylist()
+        if p.exact:
+            seen = {d: k for d, k in zip(old.manifest.column("sha256").to_pylist(), old_keys)}
+            for i, digest in enumerate(data.manifest.column("sha256").to_pylist()):
+                if digest in seen:
+                    refuse(i, "previous", f"exact duplicate of {previous.tag} sample {seen[digest]}")
+        if p.image_max_distance is not None and "phash" in data.manifest.column_names and "phash" in old.manifest.column_names:
+            new_hashes, old_hashes = data.manifest.column("phash").to_pylist(), old.manifest.column("phash").to_pylist()
+            new_index = [i for i, h in enumerate(new_hashes) if h is not None]
+            old_index = [i for i, h in enumerate(old_hashes) if h is not None]
+            if new_index and old_index:
+                matches = nd.hash_matches(
+                    _hashes([new_hashes[i] for i in new_index]), _hashes([old_hashes[i] for i in old_index]),
+                    p.image_max_distance,
+                )
+                for i, j, distance in matches:
+                    refuse(new_index[i], "previous",
+                           f"near-duplicate image of {previous.tag} sample {old_keys[old_index[j]]} (pHash Hamming {distance})")
+        if p.text_min_similarity is not None and old_keys and keys:
+            for i, j, similarity in nd.similar_matches(data.caption_embeddings, old.caption_embeddings, p.text_min_similarity):
+                refuse(i, "previous", f"near-duplicate caption of {previous.tag} sample {old_keys[j]} (cosine {similarity:.3f})")

@@ -1,0 +1,226 @@
+"""The quality gate and collapse guard: dedup, diversity vs the previous release, balance,
+PII, all reported through GX, metrics.json (`dvc metrics diff`) and the release report."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from synthfactory.checks import CHECKS, DatasetView, PreviousRelease
+from synthfactory.generators import Sample, SampleSlot
+from synthfactory.registry import DataRegistry, dvc_executable
+from synthfactory.release import GateFailedError
+
+SUBJECTS = ["a fox", "an old lighthouse", "a red bicycle", "two herons", "a glass teapot", "a snow leopard",
+            "a paper lantern", "a tugboat", "a cactus", "a violin", "a stone bridge", "a hot-air balloon"]
+PLACES = ["at dawn", "in heavy rain", "on a crowded market street", "beside a frozen lake", "under neon signs",
+          "in a quiet library", "on a windy cliff", "inside a greenhouse", "at the edge of a desert"]
+STYLES = ["watercolour", "photograph", "pencil sketch", "oil painting", "isometric render", "film still"]
+
+
+def varied_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.choice(STYLES)} of {rng.choice(SUBJECTS)} {rng.choice(PLACES)}, {rng.randint(2, 99)} details"
+            for _ in range(n)]
+
+
+def noise_png(seed: int, size: int = 64) -> bytes:
+    """A distinct image: smooth random blobs (pHash-distinct from other seeds)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def reencode(png: bytes, size: int | None = None, jpeg: bool = False) -> bytes:
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    if size:
+        image = image.resize((size, size), Image.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if jpeg else "PNG", quality=70)
+    return buffer.getvalue()
+
+
+def manifest_of(samples: list[Sample], check) -> pa.Table:
+    import hashlib
+
+    verdicts = check.check(samples)
+    return pa.table({
+        "key": [s.slot.key for s in samples],
+        "caption": [s.caption for s in samples],
+        "sha256": [hashlib.sha256(s.files[s.payload]).hexdigest() for s in samples],
+        "phash": [v.columns.get("phash") for v in verdicts],
+    })
+
+
+def image_sample(i: int, png: bytes, caption: str) -> Sample:
+    return Sample(SampleSlot(i, f"{i:010d}", i), caption, {"png": png}, "png")
+
+
+UNRELATED = [
+    "A red car parked on a quiet street",
+    "Two children build a sandcastle at low tide",
+    "An espresso machine on a marble counter",
+    "Storm clouds gather over a wheat field",
+    "A violinist tunes her instrument backstage",
+    "Fresh bread cooling on a bakery rack",
+    "A satellite dish pointed at the night sky",
+    "Penguins huddle together on the ice",
+]
+
+
+def test_dedup_finds_exact_resized_and_reencoded_images():
+    dedup = CHECKS.get("dedup").from_params({"image_max_distance": 6})
+    originals = [noise_png(seed) for seed in range(40)]
+    samples = [image_sample(i, png, f"image {i}") for i, png in enumerate(originals)]
+    planted = {
+        40: (originals[1], "exact duplicate of 0000000001"),
+        41: (reencode(originals[2], size=48), "near-duplicate image of 0000000002 (pHash Hamming"),
+        42: (reencode(originals[3], jpeg=True), "near-duplicate image of 0000000003 (pHash Hamming"),
+    }
+    samples += [image_sample(i, png, f"copy {i}") for i, (png, _) in planted.items()]
+    findings = dedup.evaluate(DatasetView(manifest_of(samples, dedup)), None)
+
+    assert set(findings.rejected) == {f"{i:010d}" for i in planted}, findings.rejected
+    for i, (_, reason) in planted.items():
+        assert findings.rejected[f"{i:010d}"].startswith(reason)
+    assert findings.metrics["duplicates_exact"] == 1 and findings.metrics["duplicates_image"] == 2
+    assert findings.metrics["duplicate_rate"] == round(3 / 43, 4)
+    assert findings.limits["duplicate_rate"] == (None, 0.05)
+
+
+def test_dedup_finds_paraphrased_captions():
+    dedup = CHECKS.get("dedup").from_params({"image_max_distance": None, "exact": False, "text_min_similarity": 0.8})
+    captions = [*UNRELATED, "A red automobile is parked on a calm street", "Penguins huddle together on the ice"]
+    samples = [Sample(SampleSlot(i, f"{i:010d}", i), c, {"txt": c.encode()}, "txt") for i, c in enumerate(captions)]
+    findings = dedup.evaluate(DatasetView(manifest_of(samples, dedup)), None)
+    assert set(findings.rejected) == {"0000000008", "0000000009"}, findings.rejected
+    assert findings.rejected["0000000008"].startswith("near-duplicate caption of 0000000000 (cosine 0.")
+    assert findings.rejected["0000000009"] == "near-duplicate caption of 0000000007 (cosine 1.000)"
+
+
+def test_dedup_against_the_previous_release():
+    dedup = CHECKS.get("dedup").from_params({"image_max_distance": 6})
+    old = [image_sample(i, noise_png(i), f"old {i}") for i in range(20)]
+    new = [image_sample(i, noise_png(100 + i), f"new {i}") for i in range(20)]
+    new[7] = image_sample(7, reencode(old[3].files["png"], size=80), "new 7")
+    previous = PreviousRelease("pics@v1", {}, DatasetView(manifest_of(old, dedup)))
+    findings = dedup.evaluate(DatasetView(manifest_of(new, dedup)), previous)
+    assert findings.rejected == {"0000000007": findings.rejected["0000000007"]}
+    assert "pics@v1 sample 0000000003" in findings.rejected["0000000007"]
+    assert findings.metrics["duplicates_previous"] == 1
+
+    same = PreviousRelease("pics@v1", {}, DatasetView(manifest_of(old, dedup)), same_recipe=True)
+    reproduced = dedup.evaluate(DatasetView(manifest_of(old, dedup)), same)
+    assert reproduced.rejected == {} and "same recipe" in reproduced.notes[0]
+
+
+def write_recipe(path: Path, texts: list[str], samples: int, checks: list[dict], **extra) -> Path:
+    recipe = {
+        "name": "notes",
+        "generator": {"kind": "text-list", "params": {"texts": texts}},
+        "samples": samples,
+        "shard_size": max(1, samples // 2),
+        "validation": {"caption_length": {"min": 1, "max": 400}, "min_accept_rate": 0.5},
+        "execution": {"workers": 1, "retries": 0},
+        "checks": checks,
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_pii_is_rejected_counted_by_pattern_and_reported(tmp_path, prefect):
+    from flows.release import run_release
+
+    texts = varied_texts(16, seed=3) + [
+        "write to jane.doe@example.com for the schedule",
+        "call me on +1 415-555-0132 tonight",
+        "card 4111 1111 1111 1111 expires soon",
+        "server 192.168.10.24 is down, mail ops@example.org",
+    ]
+    recipe = write_recipe(tmp_path / "notes.yaml", texts, len(texts), [{"kind": "pii"}])
+    summary = run_release(str(recipe), str(tmp_path / "registry"), publish=False)
+
+    release = tmp_path / "registry" / "data" / "notes"
+    rejected = pq.read_table(release / "rejected.parquet").to_pylist()
+    reasons = {row["caption"]: row["reason"] for row in rejected if row["stage"] == "pii"}
+    assert reasons == {
+        texts[16]: "pii: email",
+        texts[17]: "pii: phone",
+        texts[18]: "pii: credit_card",
+        texts[19]: "pii: email, ipv4",
+    }
+    assert summary["samples"] == 16
+    metrics = json.loads((release / "metrics.json").read_text())
+    assert metrics["rejected_by"] == {"pii": 4}
+    report = (release / "report" / "index.html").read_text()
+    assert "PII hits by pattern: email 2" in report
+    manifest = pq.read_table(release / "manifest.parquet").column("caption").to_pylist()
+    assert not any("@" in caption for caption in manifest)
+
+
+def test_skewed_labels_fail_the_balance_check_naming_its_figure(tmp_path, prefect):
+    from flows.release import run_release
+
+    recipe = {
+        "name": "skewed",
+        "generator": {"kind": "procedural-shapes", "params": {
+            "image_size": 32, "classes": ["circle", "square", "star"], "class_weights": [0.8, 0.1, 0.1]}},
+        "samples": 300, "shard_size": 150, "seed": 3,
+        "validation": {"balance_tolerance": None},
+        "execution": {"workers": 1, "retries": 0},
+        "checks": [{"kind": "balance", "params": {"max_kl": 0.05, "attributes": ["background"]}}],
+    }
+    path = tmp_path / "skewed.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(GateFailedError) as caught:
+        run_release(str(path), str(tmp_path / "registry"), publish=False)
+    message = str(caught.value)
+    assert "balance_kl_divergence" in message and "nothing was published" in message
+    assert "balance_balance_background" not in message  # backgrounds are balanced; only labels are skewed
+    assert not (tmp_path / "registry" / "data" / "skewed").exists()
+
+
+@pytest.mark.slow
+def test_collapse_guard_blocks_a_collapsed_release_and_dvc_metrics_diff_shows_the_move(tmp_path, storage_env, prefect):
+    from flows.release import run_release
+
+    registry = tmp_path / "registry"
+    checks = [{"kind": "dedup", "params": {"image_max_distance": None, "max_duplicate_rate": 0.05}},
+              {"kind": "diversity", "params": {"max_drop": 0.1}}]
+    recipe = tmp_path / "notes.yaml"
+    write_recipe(recipe, varied_texts(120, seed=1), 120, checks)
+    assert run_release(str(recipe), str(registry))["tag"] == "notes@v1"
+
+    collapsed = ["a fox at dawn", "a fox in the rain", "a red fox at dawn"]
+    write_recipe(recipe, collapsed, 120, [{"kind": "diversity", "params": {"max_drop": 0.1}}],
+                 validation={"caption_length": {"min": 1, "max": 400}, "min_accept_rate": 0.5})
+    with pytest.raises(GateFailedError) as caught:
+        run_release(str(recipe), str(registry))
+    message = str(caught.value)
+    assert "diversity_distinct_2" in message and "diversity_vendi" in message
+    assert [r.tag for r in DataRegistry.existing(registry).releases()] == ["notes@v1"]  # nothing published
+
+    write_recipe(recipe, varied_texts(120, seed=2), 120, checks)
+    assert run_release(str(recipe), str(registry))["tag"] == "notes@v2"  # a healthy second release passes
+    report = (registry / "data" / "notes" / "report" / "index.html").read_text()
+    assert "compared with notes@v1" in report
+
+    diff = subprocess.run([dvc_executable(), "metrics", "diff", "notes@v1", "notes@v2", "--json"],
+                          cwd=registry, capture_output=True, text=True, check=True)
+    changes = json.loads(diff.stdout)["data/notes/metrics.json"]
+    assert "quality.diversity.vendi" in changes and "quality.diversity.distinct_2" in changes
+    assert changes["quality.diversity.vendi"]["old"] != changes["quality.diversity.vendi"]["new"]
