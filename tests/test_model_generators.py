@@ -7,6 +7,7 @@ SynCLR's chain: LLM captions -> diffusion images (k per caption) -> CLIP score g
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -49,6 +50,9 @@ def synclr_overrides(tiny: dict[str, Path], min_score: float = 0.0) -> list[str]
         "generator.params.captions.params.batch_size=4",
         "validation.caption_length.min=1",
         "validation.min_accept_rate=0.05",
+        "checks.1.params.max_duplicate_rate=1.0",  # random weights: captions are noise, duplicates happen
+        "checks.3.params.max_kl=100",  # a handful of captions cannot follow the concept weights
+        "checks.3.params.min_attribute_balance=0",
         "shard_size=3",
         "execution.workers=2",
         "execution.retry_backoff_s=0.1",
@@ -156,6 +160,9 @@ def test_synclr_recipe_releases_end_to_end(tiny, tmp_path, storage_env, prefect)
     dvc_yaml = (registry / "dvc.yaml").read_text()
     assert "recipes/synclr/examples.yaml" in dvc_yaml and "synthfactory/generators/llm_captions.py" in dvc_yaml
     assert "--set" in dvc_yaml
+    metrics = json.loads((release / "metrics.json").read_text())
+    assert set(metrics["quality"]) == {"dedup", "diversity", "balance"} and metrics["quality"]["diversity"]["vendi"] >= 1
+    assert (release / "report" / "index.html").exists()
     card = (release / "README.md").read_text()
     assert f"image model: `{tiny['sd']}` at revision `sha256:" in card
     assert "caption model: `" in card and "clip-score model: `" in card
@@ -166,7 +173,8 @@ def test_text_only_recipe_runs_alone(tiny, tmp_path, prefect):
     from flows.release import run_release
 
     overrides = [f"generator.params.model={tiny['llm']}", "generator.params.max_new_tokens=16",
-                 "validation.caption_length.min=1", "validation.min_accept_rate=0.5", "shard_size=8"]
+                 "validation.caption_length.min=1", "validation.min_accept_rate=0.5", "shard_size=8",
+                 "checks.1.params.max_duplicate_rate=1.0"]
     summary = run_release(str(INSTRUCTIONS), str(tmp_path / "registry"), samples=16, publish=False, overrides=overrides)
     manifest = pq.read_table(tmp_path / "registry" / "data" / "instructions" / "manifest.parquet").to_pandas()
     assert summary["samples"] == len(manifest) > 0
