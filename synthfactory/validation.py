@@ -263,6 +263,10 @@ def _outcomes(table: str, validation: Any) -> list[ExpectationOutcome]:
         details = result.result or {}
         error = _error(result.exception_info or {})
         observed = f"error: {error}" if error else _observed(details)
+        low, high = config.kwargs.get("min_value"), config.kwargs.get("max_value")
+        if not error and not result.success and (low is not None or high is not None):
+            allowed = " and ".join(f"{sign} {bound:g}" for sign, bound in (("≥", low), ("≤", high)) if bound is not None)
+            observed += f" (allowed {allowed})"
         outcomes.append(ExpectationOutcome(
             expectation=config.type,
             table=table,
@@ -304,7 +308,7 @@ def validate_manifest(
         if spec.metric_limits:
             validations[QUALITY_TABLE] = _run_checkpoint(
                 gx, context, QUALITY_TABLE, quality if quality is not None else pd.DataFrame([{}]),
-                _quality_expectations(gx, spec.metric_limits), {"result_format": "COMPLETE"}, run_id)
+                _quality_expectations(gx, spec.metric_limits), {"result_format": "SUMMARY"}, run_id)
         # One site build renders every suite and both results, and the index that links them.
         context.build_data_docs(site_names=[DOCS_SITE])
         # get_context() made this context the process-wide current one, and its datasources

@@ -189,7 +189,9 @@ def test_skewed_labels_fail_the_balance_check_naming_its_figure(tmp_path, prefec
     with pytest.raises(GateFailedError) as caught:
         run_release(str(path), str(tmp_path / "registry"), publish=False)
     message = str(caught.value)
-    assert "balance_kl_divergence" in message and "nothing was published" in message
+    assert "nothing was published" in message
+    assert "quality_metrics.balance_kl_divergence: expect_column_values_to_be_between failed" in message
+    assert "(allowed ≤ 0.05)" in message  # the figure and the limit
     assert "balance_balance_background" not in message  # backgrounds are balanced; only labels are skewed
     assert not (tmp_path / "registry" / "data" / "skewed").exists()
 
