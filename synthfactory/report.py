@@ -25,9 +25,17 @@ GRID_SAMPLES = 16
 IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def _png(figure: Any) -> str:
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; plots only become PNG bytes
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _png(figure: Any) -> str:
+    plt = _pyplot()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
     plt.close(figure)
@@ -35,11 +43,7 @@ def _png(figure: Any) -> str:
 
 
 def _bar(title: str, counts: Counter, top: int = 25) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     items = counts.most_common(top)
     figure, axes = plt.subplots(figsize=(7, 0.25 * len(items) + 1))
     axes.barh([str(k) for k, _ in reversed(items)], [v for _, v in reversed(items)], color="#4c78a8")
@@ -48,11 +52,7 @@ def _bar(title: str, counts: Counter, top: int = 25) -> str:
 
 
 def _histogram(title: str, values: list[float]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 2.5))
     axes.hist(values, bins=30, color="#4c78a8")
     axes.set_title(title)
