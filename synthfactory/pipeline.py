@@ -163,7 +163,7 @@ def judge_dataset(
     """Run the dataset-level checks in recipe order; samples a check refuses leave the
     shards for rejected/ (and rejected.parquet, with the check and reason) before the
     next check looks. Returns the final (manifest, rejected) and the quality figures."""
-    view = DatasetView(manifest, generator_for(recipe).labels())
+    view = DatasetView(manifest, generator_for(recipe).labels(), stage_dir)
     quality = Quality({}, [], [])
     for check in dataset_checks_for(recipe):
         findings = check.evaluate(view, previous)

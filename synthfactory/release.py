@@ -205,7 +205,7 @@ def previous_release(job: ReleaseJob) -> PreviousRelease | None:
         in_workspace = False
     if in_workspace and (workspace / "manifest.parquet").exists():
         labels = pipeline.generator_for(job.recipe).labels()
-        data = DatasetView(pq.read_table(workspace / "manifest.parquet"), labels)
+        data = DatasetView(pq.read_table(workspace / "manifest.parquet"), labels, workspace)
     try:
         recipe = yaml.safe_load(job.registry.git("show", f"{latest.tag}:data/{job.recipe.name}/recipe.yaml"))
     except (RegistryError, yaml.YAMLError):

@@ -51,6 +51,7 @@ def synclr_overrides(tiny: dict[str, Path], min_score: float = 0.0) -> list[str]
         "validation.caption_length.min=1",
         "validation.min_accept_rate=0.05",
         "checks.1.params.max_duplicate_rate=1.0",  # random weights: captions are noise, duplicates happen
+        f"checks.2.params.image_model={tiny['clip']}",  # Vendi score of CLIP image embeddings
         "checks.3.params.max_kl=100",  # a handful of captions cannot follow the concept weights
         "checks.3.params.min_attribute_balance=0",
         "shard_size=3",
@@ -162,6 +163,7 @@ def test_synclr_recipe_releases_end_to_end(tiny, tmp_path, storage_env, prefect)
     assert "--set" in dvc_yaml
     metrics = json.loads((release / "metrics.json").read_text())
     assert set(metrics["quality"]) == {"dedup", "diversity", "balance"} and metrics["quality"]["diversity"]["vendi"] >= 1
+    assert 1 <= metrics["quality"]["diversity"]["vendi_images"] <= len(manifest)
     assert (release / "report" / "index.html").exists()
     card = (release / "README.md").read_text()
     assert f"image model: `{tiny['sd']}` at revision `sha256:" in card

@@ -226,3 +226,23 @@ def test_collapse_guard_blocks_a_collapsed_release_and_dvc_metrics_diff_shows_th
     changes = json.loads(diff.stdout)["data/notes/metrics.json"]
     assert "quality.diversity.vendi" in changes and "quality.diversity.distinct_2" in changes
     assert changes["quality.diversity.vendi"]["old"] != changes["quality.diversity.vendi"]["new"]
+
+
+def test_image_vendi_score_falls_when_images_repeat(tmp_path):
+    from synthfactory import tinymodels
+    from synthfactory.shards import write_tar
+
+    clip = tinymodels.write_tiny_clip(tmp_path / "clip")
+    diversity = CHECKS.get("diversity").from_params({"embeddings": False, "image_model": str(clip)})
+
+    def view(pngs: list[bytes], name: str) -> DatasetView:
+        samples = [image_sample(i, png, f"image {i}") for i, png in enumerate(pngs)]
+        write_tar(tmp_path / name / "shards" / "x.tar", samples)
+        table = pa.table({"key": [s.slot.key for s in samples], "caption": [s.caption for s in samples],
+                          "shard": ["x.tar"] * len(samples), "payload": ["png"] * len(samples)})
+        return DatasetView(table, None, tmp_path / name)
+
+    varied = diversity.evaluate(view([noise_png(i) for i in range(24)], "varied"), None).metrics["vendi_images"]
+    collapsed = diversity.evaluate(view([noise_png(0)] * 24, "collapsed"), None).metrics["vendi_images"]
+    assert collapsed < 1.01
+    assert varied > collapsed + 0.1  # random tiny CLIP: features are close, but distinct images still spread

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
@@ -92,6 +93,23 @@ class DatasetView:
 
     manifest: pa.Table
     labels: tuple[str, ...] | None = None  # the label set the generator promises
+    root: Path | None = None  # the release directory (shards/), for checks that read payloads
+
+    def payloads(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The payload bytes of `keys`, read from their shards (one pass per shard)."""
+        from synthfactory.shards import SHARDS_DIR, read_shard
+
+        if self.root is None:
+            return {}
+        wanted = set(keys)
+        rows = self.manifest.select(["key", "shard", "payload"]).to_pylist()
+        payload_of = {row["key"]: row["payload"] for row in rows if row["key"] in wanted}
+        found: dict[str, bytes] = {}
+        for shard in sorted({row["shard"] for row in rows if row["key"] in wanted}):
+            for key, files in read_shard(self.root / SHARDS_DIR / shard):
+                if key in payload_of:
+                    found[key] = files[payload_of[key]]
+        return found
 
     @cached_property
     def caption_embeddings(self) -> "np.ndarray":
@@ -105,7 +123,7 @@ class DatasetView:
         import pyarrow.compute as pc
 
         keep = pc.invert(mask)
-        view = DatasetView(self.manifest.filter(keep), self.labels)
+        view = DatasetView(self.manifest.filter(keep), self.labels, self.root)
         if "caption_embeddings" in self.__dict__:
             view.caption_embeddings = self.caption_embeddings[keep.to_numpy(zero_copy_only=False)]
         return view

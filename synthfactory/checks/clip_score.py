@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from pydantic import Field
@@ -19,6 +19,9 @@ from pydantic import Field
 from synthfactory import models
 from synthfactory.checks.base import CHECKS, CheckParams, SampleCheck, Verdict
 from synthfactory.generators.base import Sample
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class ClipScoreParams(CheckParams, models.ModelSettings):
@@ -33,6 +36,25 @@ def _load_clip(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
 
     model = CLIPModel.from_pretrained(path, dtype=models.torch_dtype(dtype, device)).to(device).eval()
     return model, AutoProcessor.from_pretrained(path)
+
+
+def image_embeddings(model: models.ResolvedModel, device: str, dtype: str, images: Sequence[bytes],
+                     batch_size: int = 64) -> "np.ndarray":
+    """L2-normalised CLIP image embeddings (float32), batched."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rows = []
+    with models.explain_model_errors(model, device, "CLIP image embedding with"):
+        clip, processor = _load_clip(model.path, device, dtype)
+        for start in range(0, len(images), batch_size):
+            batch = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start : start + batch_size]]
+            pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device, clip.dtype)
+            with torch.inference_mode():
+                features = clip.get_image_features(pixel_values=pixels).pooler_output
+            rows.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
 
 @CHECKS.register("clip-score")

@@ -14,15 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from synthfactory import models
 from synthfactory.checks.base import CHECKS, CheckParams, DatasetCheck, DatasetView, Findings, PreviousRelease
+from synthfactory.checks.dedup import IMAGE_PAYLOADS
 from synthfactory.quality import diversity as dv
 
 if TYPE_CHECKING:
     import numpy as np
 
 #: metrics where lower means more collapsed (the rest: higher means more collapsed)
-HIGHER_IS_DIVERSE = ("distinct_1", "distinct_2", "distinct_3", "vendi", "label_entropy", "label_coverage",
-                     "concept_entropy", "concepts")
+HIGHER_IS_DIVERSE = ("distinct_1", "distinct_2", "distinct_3", "vendi", "vendi_images", "label_entropy",
+                     "label_coverage", "concept_entropy", "concepts")
 
 
 class DiversityParams(CheckParams):
@@ -34,6 +36,9 @@ class DiversityParams(CheckParams):
         "so a fixed sample keeps releases of different sizes comparable; embeddings cost CPU",
     )
     floors: dict[str, float] = Field(default_factory=dict, description="absolute minimums, e.g. {distinct_2: 0.2}")
+    image_model: str | None = Field(None, description="a CLIP model (hub id or dir): Vendi score of image embeddings")
+    image_sample: int = Field(500, ge=2, le=100_000, description="images embedded for the image Vendi score")
+    device: str = "auto"
 
 
 @CHECKS.register("diversity")
@@ -51,6 +56,13 @@ class Diversity(DatasetCheck):
             embeddings = self._embeddings(data, sampled, chosen)
             metrics["vendi"] = round(dv.vendi_score(embeddings), 3)
             metrics["self_similarity"] = round(dv.self_similarity(embeddings, len(embeddings)), 4)
+        notes = []
+        if self.params.image_model is not None:
+            embeddings = self._image_embeddings(data)
+            if len(embeddings) > 1:
+                metrics["vendi_images"] = round(dv.vendi_score(embeddings), 3)
+            else:
+                notes.append("image Vendi score skipped: fewer than 2 images")
         columns = data.manifest.column_names
         if "label" in columns and data.manifest.num_rows:
             counts = Counter(data.manifest.column("label").to_pylist())
@@ -61,7 +73,6 @@ class Diversity(DatasetCheck):
             metrics["concept_entropy"] = round(dv.label_entropy(concepts), 4)
             metrics["concepts"] = len(concepts)
         limits = {name: (floor, None) for name, floor in self.params.floors.items()}
-        notes = []
         before = _previous_figures(previous, self.plugin_name)
         for name, value in metrics.items():
             if name not in before or name in self.params.floors:
@@ -73,6 +84,27 @@ class Diversity(DatasetCheck):
         if previous is not None and not before:
             notes.append(f"{previous.tag} has no diversity figures; nothing to compare with")
         return Findings(metrics=metrics, limits=limits, notes=notes)
+
+    def preflight(self) -> None:
+        if self.params.image_model is not None:
+            models.resolve_model(self.params.image_model, role="diversity image")
+            models.select_device(self.params.device)
+
+    def _image_embeddings(self, data: DatasetView) -> "np.ndarray":
+        """CLIP embeddings of a seeded sample of the release's images."""
+        import numpy as np
+
+        from synthfactory.checks.clip_score import image_embeddings
+
+        keys = [key for key, payload in zip(data.manifest.column("key").to_pylist(),
+                                            data.manifest.column("payload").to_pylist()) if payload in IMAGE_PAYLOADS]
+        if len(keys) > self.params.image_sample:
+            chosen = np.sort(np.random.default_rng(0).choice(len(keys), self.params.image_sample, replace=False))
+            keys = [keys[i] for i in chosen]
+        payloads = data.payloads(keys)
+        model = models.resolve_model(self.params.image_model, role="diversity image")  # type: ignore[arg-type]
+        device = models.select_device(self.params.device)
+        return image_embeddings(model, device, "auto", [payloads[k] for k in keys if k in payloads])
 
     def _sample(self, n: int) -> "np.ndarray | None":
         import numpy as np
