@@ -35,7 +35,7 @@ from synthfactory.recipe import Recipe, load_recipe
 from synthfactory.registry import DataRegistry, RegistryError, Release
 from synthfactory.report import render_report
 from synthfactory.shards import CORE_COLUMNS, SHARDS_DIR, ShardPlan, plan_shards, read_shard
-from synthfactory.storage import StorageConfig, ensure_bucket
+from synthfactory.storage import StorageConfig, StorageError, ensure_bucket
 from synthfactory.validation import GateResult, GateSpec, manifest_frame, quality_row, validate_manifest
 
 #: the key under which stage() hands validate() the quality limits (not written to metrics.json)
@@ -203,14 +203,33 @@ def previous_release(job: ReleaseJob) -> PreviousRelease | None:
         in_workspace = json.loads((workspace / "metrics.json").read_text()) == latest.metrics
     except (OSError, json.JSONDecodeError):
         in_workspace = False
+    labels = pipeline.generator_for(job.recipe).labels()
     if in_workspace and (workspace / "manifest.parquet").exists():
-        labels = pipeline.generator_for(job.recipe).labels()
         data = DatasetView(pq.read_table(workspace / "manifest.parquet"), labels, workspace)
+    else:
+        manifest = _fetch_manifest(job, latest.tag)
+        data = DatasetView(manifest, labels) if manifest is not None else None
     try:
         recipe = yaml.safe_load(job.registry.git("show", f"{latest.tag}:data/{job.recipe.name}/recipe.yaml"))
     except (RegistryError, yaml.YAMLError):
         recipe = None
     return PreviousRelease(latest.tag, latest.metrics, data, same_recipe=recipe == job.recipe.model_dump(mode="json"))
+
+
+def _fetch_manifest(job: ReleaseJob, tag: str) -> Any:
+    """The manifest of release `tag` from the DVC remote (a fresh clone has no data):
+    `dvc get` of that one file, so cross-release dedup works in CI. None if unreachable."""
+    try:
+        env = settings.resolve_storage().subprocess_env()
+    except StorageError:
+        return None
+    target = job.work_dir / f"previous-{tag.replace('@', '-')}.parquet"
+    try:
+        job.registry.dvc("get", str(job.registry.root), f"data/{job.recipe.name}/manifest.parquet",
+                         "--rev", tag, "-o", str(target), env=env)
+        return pq.read_table(target)
+    except (RegistryError, OSError):
+        return None
 
 
 def stage(job: ReleaseJob, results: list[pipeline.ShardResult], run: pipeline.RunStats) -> dict[str, Any]:

@@ -246,3 +246,25 @@ def test_image_vendi_score_falls_when_images_repeat(tmp_path):
     collapsed = diversity.evaluate(view([noise_png(0)] * 24, "collapsed"), None).metrics["vendi_images"]
     assert collapsed < 1.01
     assert varied > collapsed + 0.1  # random tiny CLIP: features are close, but distinct images still spread
+
+
+@pytest.mark.slow
+def test_cross_release_dedup_in_a_fresh_clone_reads_the_previous_manifest_from_s3(tmp_path, storage_env, prefect):
+    from flows.release import run_release
+
+    checks = [{"kind": "dedup", "params": {"image_max_distance": None, "max_duplicate_rate": 0.5}}]
+    first, second = UNRELATED[:4], [*UNRELATED[4:], UNRELATED[1]]
+    registry = tmp_path / "registry"
+    write_recipe(tmp_path / "notes.yaml", first, 4, checks)
+    assert run_release(str(tmp_path / "notes.yaml"), str(registry))["tag"] == "notes@v1"
+
+    clone = tmp_path / "clone"  # as CI sees it: git only, no data/ and no DVC cache
+    subprocess.run(["git", "clone", "--quiet", str(registry), str(clone)], check=True)
+    assert not (clone / "data" / "notes" / "manifest.parquet").exists()
+    write_recipe(clone / "recipes" / "notes.yaml", second, 5, checks)
+    summary = run_release(str(clone / "recipes" / "notes.yaml"), str(clone))
+
+    assert summary["tag"] == "notes@v2" and summary["samples"] == 4
+    rejected = pq.read_table(clone / "data" / "notes" / "rejected.parquet").to_pylist()
+    assert [(r["caption"], r["reason"]) for r in rejected] == [
+        (UNRELATED[1], "exact duplicate of notes@v1 sample 0000000001")]

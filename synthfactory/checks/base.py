@@ -131,8 +131,8 @@ class DatasetView:
 
 @dataclass
 class PreviousRelease:
-    """The release this one replaces: its tag and metrics, and its samples when the
-    registry's workspace holds them (for cross-release checks)."""
+    """The release this one replaces: its tag and metrics, and its samples (from the
+    workspace, or its manifest from the DVC remote) for cross-release checks."""
 
     tag: str
     metrics: dict[str, Any]

@@ -99,8 +99,8 @@ class Dedup(DatasetCheck):
                 notes.append(f"{previous.tag} was made by the same recipe (a reproduction): not compared")
             elif previous.data is None:
                 notes.append(
-                    f"cross-release dedup skipped: {previous.tag}'s samples are not in the workspace "
-                    "(dvc pull its data to compare)"
+                    f"cross-release dedup skipped: {previous.tag}'s manifest is neither in the workspace "
+                    "nor reachable on the DVC remote"
                 )
             else:
                 self._against(data, previous, keys, refuse)
