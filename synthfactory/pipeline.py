@@ -175,8 +175,10 @@ def judge_dataset(
             refused_mask = pc.is_in(view.manifest.column("key"), value_set=pa.array(list(findings.rejected)))
             refused = view.manifest.filter(refused_mask)
             rejected = pa.concat_tables([rejected, _rejected_rows(refused, name, findings.rejected)])
-            for shard in set(refused.column("shard").to_pylist()):
-                keys = {k for k, s in zip(refused.column("key").to_pylist(), refused.column("shard").to_pylist()) if s == shard}
+            by_shard: dict[str, set[str]] = {}
+            for key, shard in zip(refused.column("key").to_pylist(), refused.column("shard").to_pylist()):
+                by_shard.setdefault(shard, set()).add(key)
+            for shard, keys in sorted(by_shard.items()):
                 set_aside(stage_dir, shard, keys)
             view = view.without(refused_mask)
     return view.manifest, rejected, quality

@@ -81,25 +81,21 @@ class ClipScore(models.UsesModel, SampleCheck):
 
     def _scores(self, batch: Sequence[Sample]) -> list[float]:
         import torch
-        from PIL import Image
 
+        images = image_embeddings(self.model, self.device, self.params.dtype, [s.files[s.payload] for s in batch], len(batch))
         with models.explain_model_errors(self.model, self.device, "CLIP scoring with"):
             model, processor = _load_clip(self.model.path, self.device, self.params.dtype)
-            images = [Image.open(io.BytesIO(s.files[s.payload])).convert("RGB") for s in batch]
             inputs = processor(
-                text=[s.caption for s in batch], images=images, return_tensors="pt", padding=True, truncation=True,
+                text=[s.caption for s in batch], return_tensors="pt", padding=True, truncation=True,
                 max_length=model.config.text_config.max_position_embeddings,
             ).to(self.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             with torch.inference_mode():
-                image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
                 text = model.get_text_features(
                     input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
                 ).pooler_output
-            image = torch.nn.functional.normalize(image.float(), dim=-1)
-            text = torch.nn.functional.normalize(text.float(), dim=-1)
-            scores = (100 * (image * text).sum(-1)).clamp(min=0)
-        return [round(float(s), 4) for s in scores.cpu()]
+            text = torch.nn.functional.normalize(text.float(), dim=-1).cpu()
+        scores = (100 * (torch.from_numpy(images) * text).sum(-1)).clamp(min=0)
+        return [round(float(s), 4) for s in scores]
 
     def column_minimums(self) -> dict[str, float]:
         return {"clip_score": self.params.min_score}

@@ -42,8 +42,11 @@ class DedupParams(CheckParams):
     max_duplicate_rate: float = Field(0.05, ge=0, le=1, description="refused duplicates / samples above this fails the gate")
 
 
-def _hashes(column: list[str | None]) -> np.ndarray:
-    return np.array([int(h, 16) for h in column], dtype=np.uint64)
+def _hashes(manifest: pa.Table) -> tuple[list[int], np.ndarray]:
+    """(row of each pHash, the pHashes as uint64) for the rows that have one."""
+    column = manifest.column("phash").to_pylist() if "phash" in manifest.column_names else []
+    rows = [i for i, h in enumerate(column) if h is not None]
+    return rows, np.array([int(column[i], 16) for i in rows], dtype=np.uint64)
 
 
 @CHECKS.register("dedup")
@@ -80,14 +83,11 @@ class Dedup(DatasetCheck):
                 if digest in first:
                     refuse(i, "exact", f"exact duplicate of {keys[first[digest]]}")
                 first.setdefault(digest, i)
-        phashes = manifest.column("phash").to_pylist() if "phash" in manifest.column_names else []
-        with_hash = [i for i, h in enumerate(phashes) if h is not None]
-        if p.image_max_distance is not None and with_hash:
-            hashes = _hashes([phashes[i] for i in with_hash])
+        rows, hashes = _hashes(manifest)
+        if p.image_max_distance is not None and rows:
             pairs = nd.hash_pairs(hashes, p.image_max_distance)
             for dropped, (kept, distance) in nd.duplicates_to_drop(len(hashes), pairs).items():
-                i, j = with_hash[dropped], with_hash[kept]
-                refuse(i, "image", f"near-duplicate image of {keys[j]} (pHash Hamming {distance})")
+                refuse(rows[dropped], "image", f"near-duplicate image of {keys[rows[kept]]} (pHash Hamming {distance})")
         if p.text_min_similarity is not None and keys:
             pairs = nd.similar_pairs(data.caption_embeddings, p.text_min_similarity)
             for dropped, (kept, similarity) in nd.duplicates_to_drop(len(keys), pairs).items():
@@ -127,18 +127,12 @@ class Dedup(DatasetCheck):
             for i, digest in enumerate(data.manifest.column("sha256").to_pylist()):
                 if digest in seen:
                     refuse(i, "previous", f"exact duplicate of {previous.tag} sample {seen[digest]}")
-        if p.image_max_distance is not None and "phash" in data.manifest.column_names and "phash" in old.manifest.column_names:
-            new_hashes, old_hashes = data.manifest.column("phash").to_pylist(), old.manifest.column("phash").to_pylist()
-            new_index = [i for i, h in enumerate(new_hashes) if h is not None]
-            old_index = [i for i, h in enumerate(old_hashes) if h is not None]
-            if new_index and old_index:
-                matches = nd.hash_matches(
-                    _hashes([new_hashes[i] for i in new_index]), _hashes([old_hashes[i] for i in old_index]),
-                    p.image_max_distance,
-                )
-                for i, j, distance in matches:
-                    refuse(new_index[i], "previous",
-                           f"near-duplicate image of {previous.tag} sample {old_keys[old_index[j]]} (pHash Hamming {distance})")
+        new_rows, new_hashes = _hashes(data.manifest)
+        old_rows, old_hashes = _hashes(old.manifest)
+        if p.image_max_distance is not None and new_rows and old_rows:
+            for i, j, distance in nd.hash_matches(new_hashes, old_hashes, p.image_max_distance):
+                refuse(new_rows[i], "previous",
+                       f"near-duplicate image of {previous.tag} sample {old_keys[old_rows[j]]} (pHash Hamming {distance})")
         if p.text_min_similarity is not None and old_keys and keys:
             for i, j, similarity in nd.similar_matches(data.caption_embeddings, old.caption_embeddings, p.text_min_similarity):
                 refuse(i, "previous", f"near-duplicate caption of {previous.tag} sample {old_keys[j]} (cosine {similarity:.3f})")

@@ -20,6 +20,7 @@ import random
 import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,14 @@ class LLMCaptions(models.UsesModel, Generator):
     model_role = "caption"
     params: LLMCaptionParams
 
+    @cached_property
+    def _pools(self) -> dict[str, list[tuple[int, Example]]]:
+        """(position in the pool, example) per template, built once rather than per prompt."""
+        pools: dict[str, list[tuple[int, Example]]] = {t.name: [] for t in self.params.templates}
+        for i, example in enumerate(self.params.examples):
+            pools.setdefault(example.template, []).append((i, example))
+        return pools
+
     def prompt(self, slot: SampleSlot) -> Prompt:
         """Everything random about a caption except the LM's tokens, drawn from the slot seed."""
         p = self.params
@@ -211,8 +220,7 @@ class LLMCaptions(models.UsesModel, Generator):
             "background": rng.choice(p.backgrounds) if "background" in used else None,
             "relation": rng.choice(p.relations) if "relation" in used else None,
         }
-        pool = [(i, e) for i, e in enumerate(p.examples) if e.template == template.name]
-        chosen = rng.sample(pool, p.examples_per_prompt)
+        chosen = rng.sample(self._pools[template.name], p.examples_per_prompt)
         lines = [p.instruction] if p.instruction else []
         lines += [f"{template.format.format(**e.model_dump())} {e.caption}" for _, e in chosen]
         lines.append(template.format.format(**fields))
