@@ -36,7 +36,7 @@ def _run_name() -> str:
 @flow(name="release", flow_run_name=_run_name, task_runner=ProcessPoolTaskRunner())
 def release_flow(
     recipe_path: str,
-    registry: str = ".",
+    registry: str | None = None,
     samples: int | None = None,
     seed: int | None = None,
     publish: bool = True,
@@ -44,9 +44,11 @@ def release_flow(
 ) -> dict[str, Any]:
     """Turn a recipe into a gated release in `registry` (tagged and pushed when `publish`).
 
-    `overrides` are `FIELD.PATH=VALUE` edits of the recipe, as `synthfactory run --set`.
+    `registry` defaults to $SYNTHFACTORY_REGISTRY, else the working directory (a
+    deployment's checkout). `overrides` are `FIELD.PATH=VALUE` edits of the recipe, as
+    `synthfactory run --set`.
     """
-    job = release.prepare(recipe_path, registry, samples=samples, seed=seed, publish=publish, overrides=overrides or ())
+    job = release.prepare(recipe_path, registry or settings.default_registry(), samples=samples, seed=seed, publish=publish, overrides=overrides or ())
     prefetch_gx()  # the ~4 s import overlaps generation
 
     execution = job.recipe.execution

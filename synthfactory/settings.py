@@ -28,6 +28,11 @@ def data_dir() -> Path:
     return Path(os.environ.get("SYNTHFACTORY_DATA_DIR", ".data")).resolve()
 
 
+def default_registry() -> str:
+    """The data registry a deployment releases into: $SYNTHFACTORY_REGISTRY, else the working directory."""
+    return os.environ.get("SYNTHFACTORY_REGISTRY") or "."
+
+
 def embedded_s3_dir() -> Path:
     return data_dir() / "seaweedfs"
 

@@ -1,0 +1,134 @@
+"""The live feed of a run in progress: which shards are durable, and who is reading them.
+
+Train-while-generate needs a contract between the run and its readers that works
+through the filesystem alone (any process, no Prefect client):
+
+``<registry>/.synthfactory/live/<dataset>/feed.json`` is rewritten atomically by the
+run each time a shard becomes durable in the shard cache; it lists the shards in the
+order they finished, with the absolute path of each accepted-samples tar, and says
+when the run has finished (or failed). A reader never sees a half-written shard because
+a path enters the feed only after its tar was fsynced and renamed into place.
+
+``consumers/<consumer>.json`` is each reader's progress (shards read, heartbeat).
+With ``execution.max_unread_shards`` set, the run submits no new shard while the
+slowest live reader is that many shards behind: a slow trainer pauses generation
+instead of filling the disk. A reader silent for ``STALE_AFTER_S`` no longer holds the
+run back, so a crashed trainer cannot stall it forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STALE_AFTER_S = 120.0
+FEED_FILE = "feed.json"
+CONSUMERS_DIR = "consumers"
+
+
+def live_dir(registry_root: Path, dataset: str) -> Path:
+    return Path(registry_root) / ".synthfactory" / "live" / dataset
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+@dataclass
+class FeedShard:
+    name: str  # e.g. shapes-000003.tar
+    path: str  # absolute path of the durable accepted-samples tar
+    samples: int
+
+
+@dataclass
+class Feed:
+    """What a reader sees: shards in completion order and whether more will come."""
+
+    dataset: str
+    run_id: str
+    total_shards: int
+    shards: list[FeedShard] = field(default_factory=list)
+    state: str = "running"  # running | finished | failed
+    message: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.state != "running"
+
+
+def read_feed(registry_root: Path, dataset: str) -> Feed | None:
+    """The current feed of `dataset`, or None when no run has published one."""
+    try:
+        raw = json.loads((live_dir(registry_root, dataset) / FEED_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    raw["shards"] = [FeedShard(**entry) for entry in raw["shards"]]
+    return Feed(**raw)
+
+
+class FeedWriter:
+    """The run's side: announce durable shards, wait for readers, say when it is over."""
+
+    def __init__(self, registry_root: Path, dataset: str, total_shards: int, max_unread: int | None = None) -> None:
+        self.dir = live_dir(registry_root, dataset)
+        self.max_unread = max_unread
+        self.feed = Feed(dataset, uuid.uuid4().hex, total_shards)
+        self._save()
+
+    def _save(self) -> None:
+        _write_json_atomic(self.dir / FEED_FILE, asdict(self.feed))
+
+    def shard_ready(self, name: str, path: Path, samples: int) -> None:
+        self.feed.shards.append(FeedShard(name, str(path), samples))
+        self._save()
+
+    def close(self, state: str, message: str = "") -> None:
+        self.feed.state, self.feed.message = state, message
+        self._save()
+
+    def slowest_reader(self) -> int | None:
+        """Shards read by the slowest live reader of this run; None if nobody is reading."""
+        positions = []
+        for path in (self.dir / CONSUMERS_DIR).glob("*.json"):
+            try:
+                progress = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if progress.get("run_id") == self.feed.run_id and time.time() - progress.get("heartbeat", 0) < STALE_AFTER_S:
+                positions.append(int(progress.get("consumed", 0)))
+        return min(positions) if positions else None
+
+    def must_wait(self) -> bool:
+        """True while the slowest reader is `max_unread` shards (or more) behind the run."""
+        if self.max_unread is None:
+            return False
+        slowest = self.slowest_reader()
+        return slowest is not None and len(self.feed.shards) - slowest >= self.max_unread
+
+
+class FeedReader:
+    """A reader's side: register, report progress (the run's back-pressure signal)."""
+
+    def __init__(self, registry_root: Path, dataset: str, consumer: str | None = None) -> None:
+        self.registry_root, self.dataset = Path(registry_root), dataset
+        self.consumer = consumer or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def feed(self) -> Feed | None:
+        return read_feed(self.registry_root, self.dataset)
+
+    def report(self, run_id: str, consumed: int) -> None:
+        """Record that `consumed` shards of run `run_id` have been read (also a heartbeat)."""
+        path = live_dir(self.registry_root, self.dataset) / CONSUMERS_DIR / f"{self.consumer}.json"
+        _write_json_atomic(path, {"run_id": run_id, "consumed": consumed, "heartbeat": time.time()})
+
+    def leave(self) -> None:
+        (live_dir(self.registry_root, self.dataset) / CONSUMERS_DIR / f"{self.consumer}.json").unlink(missing_ok=True)
