@@ -38,6 +38,7 @@ def main() -> None:
     from synthfactory import pipeline
     from synthfactory.recipe import load_recipe
     from synthfactory.release import gate_spec
+    from synthfactory.shard_cache import ShardCache, shard_key
     from synthfactory.shards import plan_shards
     from synthfactory.validation import manifest_frame, quality_row, validate_manifest
 
@@ -46,18 +47,21 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="synthfactory-gate-bench-"))
     timings: dict[str, float] = {}
 
-    def build(recipe, name: str) -> list:
+    def build(recipe, name: str) -> tuple[ShardCache, list]:
         started = time.perf_counter()
-        results = [pipeline.build_shard(recipe, plan, scratch / name, scratch / f"{name}-fragments")
+        cache = ShardCache(scratch / name)
+        results = [pipeline.make_shard(recipe, plan, cache, shard_key(recipe, "bench", plan))
                    for plan in plan_shards(recipe.name, recipe.samples, recipe.shard_size)]
         timings[name] = time.perf_counter() - started
-        return results
+        return cache, results
 
     build(plain, "generate")
-    results = build(checked, "checks")
-    manifest, rejected = pipeline.assemble(checked, scratch / "checks-fragments", results)
+    cache, results = build(checked, "checks")
+    for result in results:
+        cache.link_into(result.key, result.name, scratch / "stage")
+    manifest, rejected = pipeline.assemble(checked, cache, results)
     started = time.perf_counter()
-    manifest, rejected, quality = pipeline.judge_dataset(checked, scratch / "checks", manifest, rejected, None)
+    manifest, rejected, quality = pipeline.judge_dataset(checked, scratch / "stage", manifest, rejected, None)
     timings["judge"] = time.perf_counter() - started
     frame = manifest_frame(manifest)
     spec = gate_spec(checked)

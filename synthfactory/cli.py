@@ -196,6 +196,54 @@ def pull(
     out.print(f"pulled {tag} into {target}")
 
 
+@app.command()
+def regenerate(
+    recipes: Annotated[Optional[list[Path]], typer.Argument(help="recipes to consider (default: recipes/*.yaml)")] = None,
+    since: Annotated[Optional[str], typer.Option(help="only recipes whose inputs changed since this git ref")] = None,
+    registry: Annotated[Optional[Path], typer.Option(help="data registry repo (default: this git repo)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="list what would be released, release nothing")] = False,
+    push: Annotated[bool, typer.Option(help="push the branch and new tags when the registry has the remote")] = True,
+    remote: Annotated[str, typer.Option(help="git remote to push to")] = "origin",
+) -> None:
+    """Release the recipes whose inputs (recipe, files it reads, plug-in code) changed since
+    their latest release, then push commits and tags: what CI runs on a push to main."""
+    from synthfactory.recipe import RecipeError
+    from synthfactory.regenerate import decide, recipe_paths
+    from synthfactory.registry import RegistryError
+
+    repo = _existing_registry(registry)
+    try:
+        decisions = decide(repo, [p.resolve() for p in recipes] if recipes else recipe_paths(repo), since)
+    except (RecipeError, RegistryError) as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for header in ("recipe", "dataset", "action", "why"):
+        table.add_column(header)
+    for d in decisions:
+        table.add_row(str(d.recipe.relative_to(repo.root) if d.recipe.is_relative_to(repo.root) else d.recipe),
+                      d.dataset, "release" if d.stale else "skip", d.reason)
+    out.print(table)
+    if dry_run:
+        return
+    tags, failures = [], []
+    for d in (d for d in decisions if d.stale):
+        try:
+            summary = _release(d.recipe, repo.root, None, None, True, None)
+        except typer.Exit:  # _release printed why; go on with the other recipes
+            failures.append(d.dataset)
+            continue
+        _print_summary(summary)
+        tags.append(summary["tag"])
+    if tags and push and remote in repo.remotes():
+        try:
+            repo.push(remote, tags)
+        except RegistryError as exc:
+            raise _fail(f"released {', '.join(tags)} but could not push them: {exc}") from None
+        out.print(f"pushed {', '.join(tags)} to {remote}")
+    if failures:
+        raise _fail(f"{len(failures)} of {len(failures) + len(tags)} releases failed: {', '.join(failures)}")
+
+
 @app.command("tiny-models")
 def tiny_models(
     target: Annotated[Path, typer.Argument(help="directory to write llm/, clip/ and sd/ into")],

@@ -1,6 +1,7 @@
 """The release stages as plain functions; flows/ and tasks/ only orchestrate them.
 
 build_shard: generate one shard's samples and write the tar + manifest fragments.
+make_shard: the same through the content-addressed shard cache (resumable runs).
 assemble: merge fragments into the release's manifest, rejected list and metrics.
 """
 
@@ -9,9 +10,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import shutil
+import socket
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +25,11 @@ import pyarrow.parquet as pq
 
 from synthfactory.checks import CHECKS, Check, DatasetCheck, DatasetView, PreviousRelease
 from synthfactory.generators import GENERATORS, Generator, PluginSpec, Rejection, Sample, SampleSlot, TransientGeneratorError
+from synthfactory.generators.base import derive_seed
+from synthfactory.models import UsesModel
 from synthfactory.plugins import Registry
-from synthfactory.recipe import Recipe
+from synthfactory.recipe import Faults, Recipe
+from synthfactory.shard_cache import ShardCache
 from synthfactory.shards import (
     REJECTED_DIR,
     REJECTED_SCHEMA,
@@ -38,12 +45,18 @@ from synthfactory.shards import (
 
 @dataclass(frozen=True)
 class ShardResult:
+    """One shard of a run: what it holds and what producing it cost in this run."""
+
     index: int
     name: str
     samples: int
     rejected: int
-    seconds: float
+    seconds: float  # generation time in this run (0 when reused from the shard cache)
     attempt: int
+    key: str = ""  # shard-cache key
+    reused: bool = False
+    worker: str = ""  # host:pid that produced it in this run
+    device: str = "cpu"
 
 
 @functools.lru_cache(maxsize=8)
@@ -97,9 +110,6 @@ def build_shard(
     recipe: Recipe, plan: ShardPlan, stage_dir: Path, fragments_dir: Path, attempt: int = 1
 ) -> ShardResult:
     """Generate samples [plan.start, plan.stop) and write them as one shard."""
-    faults = recipe.faults
-    if attempt <= faults.fail_attempts and (faults.shards is None or plan.index in faults.shards):
-        raise TransientGeneratorError(f"injected fault: shard {plan.index} attempt {attempt}")
     started = time.perf_counter()
     generator = generator_for(recipe)
     slots = [SampleSlot(i, sample_key(i), sample_seed(recipe.seed, i)) for i in range(plan.start, plan.stop)]
@@ -112,6 +122,7 @@ def build_shard(
     samples, refused = run_checks(checks_for(recipe), samples)
     rejections += refused
     write_shard(stage_dir, plan.name, fragments_dir, samples, rejections, generator, schema_for(recipe))
+    devices = sorted({str(p.device) for p in plugins_for(recipe) if isinstance(p, UsesModel)} - {"cpu"})
     return ShardResult(
         index=plan.index,
         name=plan.name,
@@ -119,26 +130,76 @@ def build_shard(
         rejected=len(rejections),
         seconds=time.perf_counter() - started,
         attempt=attempt,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        device=",".join(devices) or "cpu",
     )
+
+
+def injected_fault(faults: Faults, seed: int, shard: int, attempt: int) -> bool:
+    """The recipe's fault drill: fail the first `fail_attempts` attempts of the chosen shards,
+    and a deterministic `fail_rate` fraction of all other attempts."""
+    if faults.shards is not None and shard not in faults.shards:
+        return False
+    if attempt <= faults.fail_attempts:
+        return True
+    return derive_seed(derive_seed(seed, shard), attempt) < faults.fail_rate * 2**63
+
+
+def make_shard(recipe: Recipe, plan: ShardPlan, cache: ShardCache, key: str, attempt: int = 1) -> ShardResult:
+    """The shard from the cache if a run already finished it, else generated and committed
+    to the cache atomically (a kill mid-shard leaves only a staging dir, never an entry)."""
+    recorded = cache.lookup(key)
+    if recorded is not None:
+        return ShardResult(plan.index, plan.name, recorded["samples"], recorded["rejected"], 0.0, attempt,
+                           key=key, reused=True, worker=f"{socket.gethostname()}:{os.getpid()}")
+    if injected_fault(recipe.faults, recipe.seed, plan.index, attempt):
+        raise TransientGeneratorError(f"injected fault: shard {plan.index} attempt {attempt}")
+    staging = cache.staging_dir(key)
+    try:
+        result = build_shard(recipe, plan, staging, staging, attempt)
+        cache.commit(staging, key, {"samples": result.samples, "rejected": result.rejected, "seconds": result.seconds})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return replace(result, key=key)
 
 
 @dataclass(frozen=True)
 class RunStats:
-    """What the run did, as reported to the user and in metrics.json."""
+    """What the run did, as reported to the user, in metrics.json and as Prefect artifacts."""
 
-    seconds: float
+    seconds: float  # wall time of the shard fan-out
     retries: int
+    shards_generated: int
+    shards_reused: int  # found finished in the shard cache (resumed or unchanged)
+    worker_seconds: float  # generation time summed over shards
+    device_seconds: dict[str, float]  # generation time on accelerators, per device
+
+    @classmethod
+    def of(cls, results: list[ShardResult], seconds: float) -> "RunStats":
+        device_seconds: dict[str, float] = {}
+        for r in results:
+            if r.device != "cpu":
+                device_seconds[r.device] = round(device_seconds.get(r.device, 0.0) + r.seconds, 3)
+        return cls(
+            seconds=round(seconds, 3),
+            retries=sum(r.attempt - 1 for r in results),
+            shards_generated=sum(not r.reused for r in results),
+            shards_reused=sum(r.reused for r in results),
+            worker_seconds=round(sum(r.seconds for r in results), 3),
+            device_seconds=device_seconds,
+        )
 
     def as_dict(self, samples: int) -> dict[str, Any]:
         return {**asdict(self), "samples_per_s": round(samples / self.seconds, 1) if self.seconds else None}
 
 
-def assemble(recipe: Recipe, fragments_dir: Path, results: list[ShardResult]) -> tuple[pa.Table, pa.Table]:
-    """Merge the shard fragments: (manifest, rejected) in shard order."""
-    names = [r.name for r in sorted(results, key=lambda r: r.index)]
+def assemble(recipe: Recipe, cache: ShardCache, results: list[ShardResult]) -> tuple[pa.Table, pa.Table]:
+    """Merge the shard fragments from the cache: (manifest, rejected) in shard order."""
+    ordered = sorted(results, key=lambda r: r.index)
 
     def merged(kind: str, schema: pa.Schema) -> pa.Table:
-        parts = [pq.read_table(fragment_path(fragments_dir, name, kind), schema=schema) for name in names]
+        parts = [pq.read_table(fragment_path(cache.entry(r.key), r.name, kind), schema=schema) for r in ordered]
         return pa.concat_tables(parts) if parts else schema.empty_table()
 
     return merged("manifest", schema_for(recipe)), merged("rejected", REJECTED_SCHEMA)

@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -53,18 +53,31 @@ class ValidationSettings(_Strict):
 
 
 class Faults(_Strict):
-    """Fault injection for tests and drills: the first N attempts of a shard fail."""
+    """Fault injection for tests and drills: shard attempts that fail with a transient error."""
 
-    fail_attempts: int = Field(0, ge=0, le=100)
+    fail_attempts: int = Field(0, ge=0, le=100, description="the first N attempts of each chosen shard fail")
+    fail_rate: float = Field(0.0, ge=0, lt=1, description="fraction of other attempts that fail (deterministic)")
     shards: tuple[int, ...] | None = Field(None, description="shard indices to fail; default all")
 
 
 class Execution(_Strict):
     """How the flow runs shards: parallel workers and retries with exponential backoff."""
 
-    workers: int | None = Field(None, ge=1, le=1024, description="shard processes; default: CPU count")
+    runner: Literal["process", "thread", "dask"] = Field(
+        "process", description="where shards run: a local process pool, threads, or a Dask cluster"
+    )
+    workers: int | None = Field(
+        None, ge=1, le=1024, description="parallel shards; default: CPU count (dask: local cluster size)"
+    )
+    dask_address: str | None = Field(
+        None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$",
+        description="scheduler of an existing Dask cluster (runner: dask); default: a local cluster",
+    )
     retries: int = Field(3, ge=0, le=20)
     retry_backoff_s: float = Field(1.0, ge=0, le=600, description="first retry delay; doubles each retry")
+    max_unread_shards: int | None = Field(
+        None, ge=1, description="pause generation while a live reader is this many shards behind"
+    )
 
     def retry_delays(self) -> list[float]:
         return [self.retry_backoff_s * 2**attempt for attempt in range(self.retries)]

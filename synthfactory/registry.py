@@ -23,6 +23,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from synthfactory.drills import crash_point
 from synthfactory.storage import StorageConfig
 
 REMOTE_NAME = "storage"
@@ -152,6 +153,22 @@ class DataRegistry:
             releases.append(Release(name, int(version), tag, commit[:40], date, metrics))
         return sorted(releases, key=lambda r: (r.dataset, r.version))
 
+    def tag_note(self, tag: str) -> dict[str, Any]:
+        """The JSON summary a release wrote into its annotated tag ({} if none)."""
+        body = self.git("for-each-ref", f"refs/tags/{tag}", "--format=%(contents:body)").strip()
+        try:
+            return json.loads(body) if body else {}
+        except json.JSONDecodeError:
+            return {}
+
+    def push(self, remote: str, tags: Sequence[str]) -> None:
+        """Push the current branch and `tags` to `remote` (a CI run's releases)."""
+        branch = self._run(["git", "symbolic-ref", "--quiet", "--short", "HEAD"]).strip()
+        self.git("push", "--quiet", remote, f"HEAD:refs/heads/{branch}", *(f"refs/tags/{tag}" for tag in tags))
+
+    def remotes(self) -> list[str]:
+        return self.git("remote").split()
+
     def next_tag(self, dataset: str) -> str:
         return f"{dataset}@v{max((r.version for r in self.releases(dataset)), default=0) + 1}"
 
@@ -213,8 +230,10 @@ class DataRegistry:
                 if delay is None:
                     raise
                 time.sleep(delay)
+        crash_point("pushed")
         self.git("add", "--", *paths)
         self.git("commit", "--quiet", "-m", message, "--", *paths)
+        crash_point("committed")
         try:
             self.git("tag", "--annotate", tag, "-m", tag_note)
         except RegistryError:
@@ -235,12 +254,19 @@ class FileSnapshot:
     """The bytes (or absence) of some files, to put back exactly if a publish fails.
 
     Restoring from a snapshot rather than from git HEAD keeps a developer's uncommitted
-    edits to the recipe or generator code when the registry is their checkout.
+    edits to the recipe or generator code when the registry is their checkout. A
+    snapshot saved to disk survives a killed process, so the next run can roll back.
     """
 
-    def __init__(self, root: Path, paths: Sequence[str]) -> None:
+    def __init__(self, root: Path, paths: Sequence[str], saved: dict[str, bytes | None] | None = None) -> None:
         self._root = root
-        self._saved = {p: (root / p).read_bytes() if (root / p).is_file() else None for p in paths}
+        self._saved = saved if saved is not None else {
+            p: (root / p).read_bytes() if (root / p).is_file() else None for p in paths
+        }
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self._saved)
 
     def restore(self) -> None:
         for relative, data in self._saved.items():
@@ -250,3 +276,18 @@ class FileSnapshot:
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
+
+    def save(self, directory: Path) -> None:
+        """Write the snapshot under `directory` (files, then an index written last)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        index = {}
+        for number, (relative, data) in enumerate(self._saved.items()):
+            if data is not None:
+                (directory / str(number)).write_bytes(data)
+            index[relative] = None if data is None else str(number)
+        (directory / "index.json").write_text(json.dumps(index))
+
+    @classmethod
+    def load(cls, root: Path, directory: Path) -> "FileSnapshot":
+        index = json.loads((directory / "index.json").read_text())
+        return cls(root, [], {p: None if n is None else (directory / n).read_bytes() for p, n in index.items()})

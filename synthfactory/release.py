@@ -12,12 +12,14 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import posixpath
 import shlex
 import shutil
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +34,20 @@ from synthfactory.card import render_card
 from synthfactory.checks import DatasetView, PreviousRelease
 from synthfactory.models import UsesModel
 from synthfactory.recipe import Recipe, load_recipe
-from synthfactory.registry import DataRegistry, RegistryError, Release
+from synthfactory.drills import crash_point
+from synthfactory.registry import DataRegistry, FileSnapshot, RegistryError, Release
 from synthfactory.report import render_report
+from synthfactory.shard_cache import ShardCache, code_version, shard_key
 from synthfactory.shards import CORE_COLUMNS, SHARDS_DIR, ShardPlan, plan_shards, read_shard
 from synthfactory.storage import StorageConfig, StorageError, ensure_bucket
 from synthfactory.validation import GateResult, GateSpec, manifest_frame, quality_row, validate_manifest
 
 #: the key under which stage() hands validate() the quality limits (not written to metrics.json)
 GATE_LIMITS = "gate_limits"
+#: in a run's work dir: the pid of the process that owns it, and the journal of a publish in progress
+OWNER_FILE, JOURNAL_FILE, SNAPSHOT_DIR = "owner.pid", "publishing.json", "snapshot"
+#: a work dir with no owner file yet is being created; older than this, it was abandoned
+OWNERLESS_GRACE_S = 60.0
 
 
 class GateFailedError(RuntimeError):
@@ -62,6 +70,7 @@ class ReleaseJob:
     code: tuple[tuple[Path, str], ...]  # (running source file, its path inside the registry)
     command: str  # how `dvc repro` regenerates this release
     work_dir: Path
+    code_version: str  # hash of the code files: part of every shard's cache key
 
     @property
     def stage_dir(self) -> Path:
@@ -69,8 +78,8 @@ class ReleaseJob:
         return self.work_dir / "release"
 
     @property
-    def fragments_dir(self) -> Path:
-        return self.work_dir / "fragments"
+    def cache(self) -> ShardCache:
+        return ShardCache(self.registry.scratch / "shards" / self.recipe.name)
 
     @property
     def release_dir(self) -> Path:
@@ -88,13 +97,27 @@ class ReleaseJob:
     def plans(self) -> list[ShardPlan]:
         return plan_shards(self.recipe.name, self.recipe.samples, self.recipe.shard_size)
 
+    def shard_keys(self) -> list[tuple[ShardPlan, str]]:
+        return [(plan, shard_key(self.recipe, self.code_version, plan)) for plan in self.plans()]
+
+    @property
+    def inputs_fingerprint(self) -> str:
+        """Hash of everything the release's bytes depend on (recipe with the files it
+        reads inlined, code), not of how it runs: equal fingerprints need no new release."""
+        return inputs_fingerprint(self.recipe, self.code_version)
+
     def tracked_files(self) -> list[str]:
         """Files a publish may rewrite besides the release entries; snapshotted for rollback."""
         return ["dvc.yaml", "dvc.lock", ".dvc/config", *self.dependencies,
                 f"data/{self.recipe.name}/.gitignore"]
 
 
-def _code_files(recipe: Recipe) -> tuple[tuple[Path, str], ...]:
+def inputs_fingerprint(recipe: Recipe, code: str) -> str:
+    content = recipe.model_dump(mode="json", exclude={"execution", "faults"})
+    return hashlib.sha256(json.dumps({"recipe": content, "code": code}, sort_keys=True).encode()).hexdigest()
+
+
+def code_files(recipe: Recipe) -> tuple[tuple[Path, str], ...]:
     """(source file, path relative to its package's parent) of the code that shapes the bytes:
     each plug-in's module, the synthfactory modules it imports from, and the shard writer."""
     from synthfactory import shards
@@ -159,14 +182,17 @@ def prepare(
         command += ["--seed", str(seed)]
     for assignment in overrides:
         command += ["--set", assignment]
+    recover_interrupted(registry, wait=False)
     (registry.scratch / "work").mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-", dir=registry.scratch / "work"))
+    (work_dir / OWNER_FILE).write_text(str(os.getpid()))
     inputs = tuple(
         ((recipe_source.parent / name).resolve(), posixpath.normpath(posixpath.join(posixpath.dirname(recipe_file), name)))
         for name in recipe.input_files()
     )
+    code = code_files(recipe)
     return ReleaseJob(
-        recipe, registry, recipe_source, recipe_file, inputs, _code_files(recipe), shlex.join(command), work_dir
+        recipe, registry, recipe_source, recipe_file, inputs, code, shlex.join(command), work_dir, code_version(code)
     )
 
 
@@ -235,7 +261,9 @@ def _fetch_manifest(job: ReleaseJob, tag: str) -> Any:
 def stage(job: ReleaseJob, results: list[pipeline.ShardResult], run: pipeline.RunStats) -> dict[str, Any]:
     """Merge shard fragments, run the dataset-level checks (which may set samples aside),
     write the staged manifest; return the metrics (with the gate's quality limits)."""
-    manifest, rejected = pipeline.assemble(job.recipe, job.fragments_dir, results)
+    for result in results:
+        job.cache.link_into(result.key, result.name, job.stage_dir)
+    manifest, rejected = pipeline.assemble(job.recipe, job.cache, results)
     previous = previous_release(job) if pipeline.dataset_checks_for(job.recipe) else None
     manifest, rejected, quality = pipeline.judge_dataset(job.recipe, job.stage_dir, manifest, rejected, previous)
     pipeline.write_stage(job.stage_dir, manifest, rejected)
@@ -261,6 +289,7 @@ def validate(job: ReleaseJob, metrics: dict[str, Any]) -> GateResult:
     table = pq.read_table(job.stage_dir / "manifest.parquet")
     spec = dataclasses.replace(gate_spec(job.recipe), metric_limits=tuple(map(tuple, judged["limits"])))
     gate = validate_manifest(manifest_frame(table), spec, job.stage_dir / "validation", quality_row(metrics.get("quality", {})))
+    crash_point("validate")
     verdict_figures = {"success": gate.success, "expectations": len(gate.outcomes), "failed": len(gate.failures)}
     metrics["validation"] = verdict_figures
     pipeline.write_json(job.stage_dir / "metrics.json", metrics)
@@ -309,16 +338,33 @@ def materialize(job: ReleaseJob) -> None:
     """--no-publish: put the gated release in data/<dataset>/ without touching git or DVC."""
     with job.registry.lock():
         _swap_in(job)
+        job.cache.prune(keep={key for _, key in job.shard_keys()})
     shutil.rmtree(job.work_dir)
 
 
 def publish(job: ReleaseJob, storage: StorageConfig, metrics: dict[str, Any]) -> Release:
     """Under the registry lock: swap the release in, sync recipe and code, record the
     stage, push, commit, tag. On any failure the workspace goes back exactly as it was
-    (uncommitted edits included) and the staged release back to the work dir."""
+    (uncommitted edits included) and the staged release back to the work dir.
+
+    A journal (the files' previous bytes, the base commit, the planned tag) is written
+    first, so a run killed half-way through is rolled back by the next run the same way."""
     registry, name = job.registry, job.recipe.name
     with registry.lock():
+        _recover(registry)
         snapshot = registry.snapshot(job.tracked_files())
+        tag = registry.next_tag(name)
+        message = f"Release {tag}: {metrics['samples']} samples from {job.recipe_file}"
+        names = sorted(entry.name for entry in job.stage_dir.iterdir())
+        snapshot.save(job.work_dir / SNAPSHOT_DIR)
+        _write_journal(job.work_dir, {
+            "dataset": name,
+            "tag": tag,
+            "base_commit": registry.git("rev-parse", "HEAD").strip(),
+            "message": message,
+            "names": names,
+            "existing": [n for n in names if (job.release_dir / n).exists()],
+        })
         swapped = _swap_in(job)
         try:
             registry.sync_file(job.recipe_source, job.recipe_file)
@@ -326,11 +372,11 @@ def publish(job: ReleaseJob, storage: StorageConfig, metrics: dict[str, Any]) ->
                 registry.sync_file(source, relative)
             registry.configure_remote(storage)
             registry.record_stage(name, job.command, job.dependencies)
-            tag = registry.next_tag(name)
             summary = {
                 "samples": metrics["samples"],
                 "rejected": metrics["rejected"],
                 "recipe_fingerprint": job.recipe.fingerprint(),
+                "inputs_fingerprint": job.inputs_fingerprint,
                 "run": metrics.get("run", {}),
             }
             released = registry.commit_and_tag(
@@ -338,7 +384,7 @@ def publish(job: ReleaseJob, storage: StorageConfig, metrics: dict[str, Any]) ->
                 tag,
                 storage,
                 paths=[*job.tracked_files(), f"data/{name}"],
-                message=f"Release {tag}: {metrics['samples']} samples from {job.recipe_file}",
+                message=message,
                 tag_note=f"{tag}\n\n{json.dumps(summary, sort_keys=True)}",
                 push_retry_delays=job.recipe.execution.retry_delays(),
             )
@@ -346,11 +392,108 @@ def publish(job: ReleaseJob, storage: StorageConfig, metrics: dict[str, Any]) ->
             try:
                 snapshot.restore()
                 _swap_back(job, swapped)
+                (job.work_dir / JOURNAL_FILE).unlink()
             except Exception as rollback_failure:  # keep the original error in front
                 failure.add_note(f"rolling back the registry also failed: {rollback_failure}")
             raise
+        (job.work_dir / JOURNAL_FILE).unlink()
+        job.cache.prune(keep={key for _, key in job.shard_keys()})
     shutil.rmtree(job.work_dir)
     return released
+
+
+def _write_journal(work_dir: Path, journal: dict[str, Any]) -> None:
+    tmp = work_dir / f".{JOURNAL_FILE}.tmp"
+    tmp.write_text(json.dumps(journal, indent=1))
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, work_dir / JOURNAL_FILE)
+
+
+def _owner_alive(work_dir: Path) -> bool:
+    try:
+        pid = int((work_dir / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        try:
+            return time.time() - work_dir.stat().st_mtime < OWNERLESS_GRACE_S
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def recover_interrupted(registry: DataRegistry, wait: bool = True) -> list[str]:
+    """Undo what killed runs left behind: a half-done publish is rolled back (or, if its
+    tag exists, recognised as complete) and work dirs of dead runs are deleted. Their
+    finished shards stay in the shard cache, so the rerun only does the missing ones.
+
+    Runs under the registry lock; with `wait=False` it does nothing while another run
+    holds the lock (that run recovers before it publishes). Returns what it did."""
+    from filelock import Timeout
+
+    if not (registry.scratch / "work").exists():
+        return []
+    lock = registry.lock()
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        return []
+    try:
+        return _recover(registry)
+    finally:
+        lock.release()
+
+
+def _recover(registry: DataRegistry) -> list[str]:
+    """recover_interrupted() for a caller that holds the registry lock."""
+    done = []
+    work_root = registry.scratch / "work"
+    for work_dir in sorted(p for p in work_root.iterdir() if p.is_dir()) if work_root.exists() else []:
+        if _owner_alive(work_dir):
+            continue
+        journal = work_dir / JOURNAL_FILE
+        if journal.exists():
+            done.append(_roll_back_publish(registry, work_dir, json.loads(journal.read_text())))
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return done
+
+
+def _roll_back_publish(registry: DataRegistry, work_dir: Path, journal: dict[str, Any]) -> str:
+    tag, base = journal["tag"], journal["base_commit"]
+    if any(r.tag == tag for r in registry.releases(journal["dataset"])):
+        return f"{tag}: the interrupted run had finished publishing"
+    (registry.root / ".git" / "index.lock").unlink(missing_ok=True)  # left by a git killed with the run
+    head = registry.git("rev-parse", "HEAD").strip()
+    if head != base:
+        parent = registry.git("rev-parse", "HEAD^").strip()
+        subject = registry.git("log", "-1", "--format=%s").strip()
+        if parent != base or subject != journal["message"]:
+            raise RegistryError(
+                f"an interrupted publish of {tag} left {registry.root} at {head[:12]}, which is not its release "
+                f"commit on {base[:12]}: inspect the repository, then delete {work_dir}"
+            )
+        registry.git("reset", "--quiet", "--soft", base)
+    snapshot = FileSnapshot.load(registry.root, work_dir / SNAPSHOT_DIR)
+    release_dir = registry.release_dir(journal["dataset"])
+    registry.git("reset", "--quiet", base, "--", *snapshot.paths, f"data/{journal['dataset']}")
+    snapshot.restore()
+    previous = work_dir / "previous"
+    for name in journal["names"]:
+        current, original = release_dir / name, previous / name
+        if name in journal["existing"] and not original.exists():
+            continue  # never moved aside: still the previous release's
+        if current.is_dir():
+            shutil.rmtree(current)
+        else:
+            current.unlink(missing_ok=True)
+        if original.exists():
+            original.rename(current)
+    return f"{tag}: rolled back a publish interrupted at {head[:12]}"
 
 
 def verify_release(release_dir: Path) -> tuple[int, list[str]]:

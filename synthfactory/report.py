@@ -157,3 +157,22 @@ def render_report(
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page)
     return target
+
+
+def run_markdown(summary: dict[str, Any], run: Any) -> str:
+    """The run's figures as a markdown table (a Prefect artifact in the UI)."""
+    title = summary["tag"] or f"{summary['dataset']} (staged, not published)"
+    rows = [
+        ("samples", summary["samples"]),
+        ("rejected", summary["rejected"]),
+        *((f"rejected by {check}", count) for check, count in summary["rejected_by"].items()),
+        ("samples/s (generation)", summary["samples_per_s"]),
+        ("shards generated", run.shards_generated),
+        ("shards reused from the cache", run.shards_reused),
+        ("shard retries", run.retries),
+        ("worker-seconds", run.worker_seconds),
+        *((f"device-seconds on {device}", seconds) for device, seconds in run.device_seconds.items()),
+        *((f"stage seconds: {stage}", seconds) for stage, seconds in summary["stage_seconds"].items()),
+    ]
+    lines = [f"## {title}", "", "| figure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+    return "\n".join(lines) + f"\n\nRelease directory: `{summary['release_dir']}`\n"

@@ -6,15 +6,15 @@ One task per shard of many samples, never per sample: a task run costs 10-60 ms.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.runtime import task_run
 
 from synthfactory.models import ModelError
-from synthfactory.pipeline import ShardResult, build_shard
+from synthfactory.pipeline import ShardResult, make_shard
 from synthfactory.recipe import Recipe
+from synthfactory.shard_cache import ShardCache
 from synthfactory.shards import ShardPlan
 
 
@@ -36,6 +36,7 @@ def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     retry_delay_seconds=1.0,
     retry_condition_fn=worth_retrying,
 )
-def generate_shard(recipe: Recipe, plan: ShardPlan, stage_dir: Path, fragments_dir: Path) -> ShardResult:
-    """Generate and write one shard; the attempt number makes retries visible in metrics."""
-    return build_shard(recipe, plan, stage_dir, fragments_dir, attempt=task_run.run_count)
+def generate_shard(recipe: Recipe, plan: ShardPlan, cache: ShardCache, key: str) -> ShardResult:
+    """Generate one shard into the shard cache (or find it there); the attempt number
+    makes retries visible in metrics."""
+    return make_shard(recipe, plan, cache, key, attempt=task_run.run_count)

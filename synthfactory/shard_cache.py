@@ -1,0 +1,143 @@
+"""Content-addressed shard cache: the durable record that makes runs resumable.
+
+A shard's key hashes everything that shapes its bytes: the resolved recipe (minus the
+sample count, which only decides how many shards there are, and minus execution and
+fault settings), the code version, and the shard's sample range. A shard is generated
+into a private temporary directory, fsynced, then renamed to ``<key>/`` in one step:
+an entry either exists whole or not at all. A rerun of the same release (after a crash,
+a kill, a failed gate or publish) finds its finished shards here and only generates the
+rest; a recipe that appends samples reuses every full shard it shares with the last one.
+
+Entry layout (the same as a release, so staging only hard-links files)::
+
+    <key>/shards/<name>.tar           accepted samples
+    <key>/rejected/<name>.tar         refused samples with content (optional)
+    <key>/<stem>.manifest.parquet     manifest fragment
+    <key>/<stem>.rejected.parquet     rejected fragment
+    <key>/result.json                 counts and timings, plus the file sizes to verify
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from synthfactory.recipe import Recipe
+from synthfactory.shards import REJECTED_DIR, SHARDS_DIR, ShardPlan
+
+RESULT_FILE = "result.json"
+#: recipe fields that change how a run executes, never the bytes of a shard
+NOT_IN_KEY = ("samples", "execution", "faults")
+
+
+def shard_key(recipe: Recipe, code_version: str, plan: ShardPlan) -> str:
+    content = {name: value for name, value in recipe.model_dump(mode="json").items() if name not in NOT_IN_KEY}
+    identity = {"recipe": content, "code": code_version, "shard": [plan.index, plan.start, plan.stop]}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def code_version(files: Iterable[tuple[Path, str]]) -> str:
+    """Hash of the code that shapes the bytes: (source file, registry path) pairs."""
+    digest = hashlib.sha256()
+    for source, relative in sorted(files, key=lambda pair: pair[1]):
+        digest.update(relative.encode() + b"\0" + hashlib.sha256(Path(source).read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root, so a rename publishes durable bytes."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in [*(p for p in root.rglob("*") if p.is_dir()), root]:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ShardCache:
+    """The finished shards of one dataset in one registry."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def entry(self, key: str) -> Path:
+        return self.root / key
+
+    def staging_dir(self, key: str) -> Path:
+        """A private directory to generate into (unique per attempt, never a visible entry)."""
+        path = self.root / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """The recorded result of a finished entry, or None. An entry whose files do not
+        have the recorded sizes (disk damage, a hand edit) is discarded and regenerated."""
+        entry = self.entry(key)
+        try:
+            result = json.loads((entry / RESULT_FILE).read_text())
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+            return None
+        files = result.get("files", {})
+        if not files or any(not (entry / name).is_file() or (entry / name).stat().st_size != size
+                            for name, size in files.items()):
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        return result
+
+    def commit(self, staging: Path, key: str, result: dict[str, Any]) -> Path:
+        """Record `result` with the sizes of the staged files, flush, and rename the staging
+        directory into place. If another attempt committed the same key first, keep theirs."""
+        files = {p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
+        (staging / RESULT_FILE).write_text(json.dumps({**result, "files": files}, sort_keys=True))
+        _fsync_tree(staging)
+        entry = self.entry(key)
+        try:
+            os.rename(staging, entry)
+        except OSError:  # the same shard finished twice (a retry raced a slow attempt)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.lookup(key) is None:
+                raise
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return entry
+
+    def link_into(self, key: str, name: str, stage_dir: Path) -> None:
+        """Put the entry's tars into a release being staged: hard links (no copy), or a
+        copy where links are impossible. Later steps replace files, never edit them, so
+        the entry's bytes stay intact."""
+        entry = self.entry(key)
+        for sub in (SHARDS_DIR, REJECTED_DIR):
+            source = entry / sub / name
+            if source.exists():
+                target = stage_dir / sub / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.unlink(missing_ok=True)
+                try:
+                    os.link(source, target)
+                except OSError:
+                    shutil.copyfile(source, target)
+
+    def prune(self, keep: set[str]) -> int:
+        """Remove entries (and abandoned staging dirs) not in `keep`; returns how many.
+        Called after a release, so the cache holds one release's shards per dataset."""
+        removed = 0
+        if not self.root.exists():
+            return 0
+        for path in self.root.iterdir():
+            if path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        return removed
