@@ -170,7 +170,7 @@ def release_flow(
     with _timed(timings, "publish" if publish else "materialize"):
         if publish:
             published = publish_release(job, metrics)
-            summary.update(tag=published.tag, commit=published.commit)
+            summary.update(tag=published.tag, commit=published.commit, push_retries=published.push_retries)
         else:
             materialize_release(job)
     summary["stage_seconds"] = timings

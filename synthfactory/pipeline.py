@@ -173,6 +173,7 @@ class RunStats:
     shards_generated: int
     shards_reused: int  # found finished in the shard cache (resumed or unchanged)
     worker_seconds: float  # generation time summed over shards
+    worker_processes: int  # distinct processes that ran shards (scale-out at work)
     device_seconds: dict[str, float]  # generation time on accelerators, per device
 
     @classmethod
@@ -187,6 +188,7 @@ class RunStats:
             shards_generated=sum(not r.reused for r in results),
             shards_reused=sum(r.reused for r in results),
             worker_seconds=round(sum(r.seconds for r in results), 3),
+            worker_processes=len({r.worker for r in results}),
             device_seconds=device_seconds,
         )
 

@@ -9,8 +9,10 @@ tag never points at data missing from S3.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -26,6 +28,7 @@ from filelock import FileLock
 from synthfactory.drills import crash_point
 from synthfactory.storage import StorageConfig
 
+logger = logging.getLogger("synthfactory.registry")
 REMOTE_NAME = "storage"
 #: the parts of a release tracked in DVC's cache (the rest is small and goes to git)
 CACHED_OUTS = ("shards", "rejected", "manifest.parquet", "rejected.parquet", "validation", "report")
@@ -51,6 +54,7 @@ class Release:
     commit: str
     date: str
     metrics: dict[str, Any]
+    push_retries: int = 0  # set by the publish that made it: S3 pushes that had to be retried
 
 
 def dvc_executable() -> str:
@@ -226,9 +230,11 @@ class DataRegistry:
             try:
                 self.dvc("push", dataset, env=storage.subprocess_env())
                 break
-            except RegistryError:
+            except RegistryError as failure:
                 if delay is None:
                     raise
+                last_line = str(failure).strip().splitlines()[-1]
+                logger.warning("dvc push of %s failed (attempt %d), retrying in %.0f s: %s", tag, attempt + 1, delay, last_line)
                 time.sleep(delay)
         crash_point("pushed")
         self.git("add", "--", *paths)
@@ -239,7 +245,8 @@ class DataRegistry:
         except RegistryError:
             self.git("reset", "--quiet", "--soft", "HEAD^")
             raise
-        return next(r for r in self.releases(dataset) if r.tag == tag)
+        released = next(r for r in self.releases(dataset) if r.tag == tag)
+        return dataclasses.replace(released, push_retries=attempt)
 
     def snapshot(self, paths: Sequence[str]) -> "FileSnapshot":
         return FileSnapshot(self.root, paths)

@@ -170,7 +170,9 @@ def run_markdown(summary: dict[str, Any], run: Any) -> str:
         ("shards generated", run.shards_generated),
         ("shards reused from the cache", run.shards_reused),
         ("shard retries", run.retries),
+        ("S3 push retries", summary.get("push_retries", 0)),
         ("worker-seconds", run.worker_seconds),
+        ("worker processes", run.worker_processes),
         *((f"device-seconds on {device}", seconds) for device, seconds in run.device_seconds.items()),
         *((f"stage seconds: {stage}", seconds) for stage, seconds in summary["stage_seconds"].items()),
     ]

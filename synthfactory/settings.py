@@ -14,6 +14,7 @@ OFFLINE_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # per-file load bars; the shard progress bar is ours
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "synthfactory",  # our warnings (e.g. push retries) reach the run's logs
 }
 
 

@@ -75,8 +75,63 @@ def test_failed_push_rolls_back_exactly_and_a_rerun_publishes(tmp_path, prefect,
         restarted.start()  # same port, keys and data: the committed endpoint works again
         second = run_release(str(recipe), str(registry), seed=2)
         assert second["tag"] == "tiny@v2"
+        assert (second["shards_generated"], second["shards_reused"]) == (0, 2)  # the failed run's shards
         assert tree(registry / "data" / "tiny") != v1_data
         assert "seed: 2" in git(registry, "show", "tiny@v2:data/tiny/recipe.yaml")
     finally:
+        server.stop()
+        restarted.stop()
+
+
+def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monkeypatch):
+    """S3 goes down right after the gate and comes back 10 s later: the push is
+    retried with backoff and the release completes, whole in S3."""
+    import os
+    import threading
+
+    from synthfactory.registry import dvc_executable
+    from synthfactory.release import verify_release
+
+    server = EmbeddedS3(tmp_path / "s3")
+    config = server.start()
+    restarted = EmbeddedS3(tmp_path / "s3", s3_port=int(config.endpoint_url.rsplit(":", 1)[1]),
+                           access_key=config.access_key, secret_key=config.secret_key)
+    for name, value in {
+        "SYNTHFACTORY_S3_ENDPOINT": config.endpoint_url, "SYNTHFACTORY_S3_BUCKET": config.bucket,
+        "AWS_ACCESS_KEY_ID": config.access_key, "AWS_SECRET_ACCESS_KEY": config.secret_key,
+    }.items():
+        monkeypatch.setenv(name, value)
+    outage: list[threading.Thread] = []
+    validate = synthfactory.release.validate
+
+    def validate_then_lose_s3_briefly(*args, **kwargs):
+        result = validate(*args, **kwargs)
+        server.stop()
+        outage.append(threading.Timer(10.0, restarted.start))  # longer than boto3's own retries
+        outage[0].start()
+        return result
+
+    monkeypatch.setattr(synthfactory.release, "validate", validate_then_lose_s3_briefly)
+    try:
+        recipe = tmp_path / "tiny.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "name": "tiny", "samples": 120, "shard_size": 60, "seed": 1,
+            "generator": {"kind": "procedural-shapes", "params": {"image_size": 32}},
+            "validation": {"balance_tolerance": None},
+            "execution": {"workers": 2, "retries": 4, "retry_backoff_s": 1.0},
+        }))
+        summary = run_release(str(recipe), str(tmp_path / "registry"))
+        assert outage and not outage[0].is_alive()  # the outage really happened, and ended
+        assert summary["tag"] == "tiny@v1"
+        assert summary["push_retries"] >= 1
+
+        clone = tmp_path / "clone"
+        git(tmp_path, "clone", "--quiet", "--branch", "tiny@v1", str(tmp_path / "registry"), str(clone))
+        subprocess.run([dvc_executable(), "pull", "--quiet"], cwd=clone, check=True,
+                       env={**os.environ, **restarted.config.subprocess_env()})
+        assert verify_release(clone / "data" / "tiny") == (summary["samples"], [])
+    finally:
+        for timer in outage:
+            timer.join()
         server.stop()
         restarted.stop()
