@@ -126,6 +126,15 @@ def test_dedup_against_the_previous_release():
     reproduced = dedup.evaluate(DatasetView(manifest_of(old, dedup)), same)
     assert reproduced.rejected == {} and "same recipe" in reproduced.notes[0]
 
+    # A recipe that appends samples carries the old ones over (same key, same bytes):
+    # they are not duplicates, but a new sample copying an old one still is.
+    appended = [*old, *(image_sample(20 + i, noise_png(200 + i), f"more {i}") for i in range(5))]
+    appended[22] = image_sample(22, old[5].files["png"], "more 2")
+    grown = dedup.evaluate(DatasetView(manifest_of(appended, dedup)), previous)
+    assert list(grown.rejected) == ["0000000022"]
+    assert grown.rejected["0000000022"] == "exact duplicate of 0000000005"  # found within the release first
+    assert any("20 samples carried over unchanged from pics@v1" in note for note in grown.notes)
+
 
 def write_recipe(path: Path, texts: list[str], samples: int, checks: list[dict], **extra) -> Path:
     recipe = {

@@ -103,7 +103,10 @@ class Dedup(DatasetCheck):
                     "nor reachable on the DVC remote"
                 )
             else:
-                self._against(data, previous, keys, refuse)
+                carried = self._against(data, previous, keys, refuse)
+                if carried:
+                    notes.append(f"{carried} samples carried over unchanged from {previous.tag} "
+                                 "(same key and bytes, e.g. a recipe that appends samples): not duplicates")
         rate = len(refused) / max(1, len(keys))
         return Findings(
             metrics={
@@ -118,21 +121,33 @@ class Dedup(DatasetCheck):
             notes=notes,
         )
 
-    def _against(self, data: DatasetView, previous: PreviousRelease, keys: list[str], refuse) -> None:
+    def _against(self, data: DatasetView, previous: PreviousRelease, keys: list[str], refuse) -> int:
+        """Refuse new samples that duplicate the previous release's; a sample the new
+        release carries over (same key, same bytes) is the same sample, not a copy.
+        Returns how many were carried over."""
         p, old = self.params, previous.data
         assert old is not None
         old_keys = old.manifest.column("key").to_pylist()
+        old_samples = set(zip(old_keys, old.manifest.column("sha256").to_pylist()))
+        carried = {i for i, sample in enumerate(zip(keys, data.manifest.column("sha256").to_pylist()))
+                   if sample in old_samples}
+
+        def refuse_new(index: int, kind: str, reason: str) -> None:
+            if index not in carried:
+                refuse(index, kind, reason)
+
         if p.exact:
             seen = {d: k for d, k in zip(old.manifest.column("sha256").to_pylist(), old_keys)}
             for i, digest in enumerate(data.manifest.column("sha256").to_pylist()):
                 if digest in seen:
-                    refuse(i, "previous", f"exact duplicate of {previous.tag} sample {seen[digest]}")
+                    refuse_new(i, "previous", f"exact duplicate of {previous.tag} sample {seen[digest]}")
         new_rows, new_hashes = _hashes(data.manifest)
         old_rows, old_hashes = _hashes(old.manifest)
         if p.image_max_distance is not None and new_rows and old_rows:
             for i, j, distance in nd.hash_matches(new_hashes, old_hashes, p.image_max_distance):
-                refuse(new_rows[i], "previous",
-                       f"near-duplicate image of {previous.tag} sample {old_keys[old_rows[j]]} (pHash Hamming {distance})")
+                refuse_new(new_rows[i], "previous",
+                           f"near-duplicate image of {previous.tag} sample {old_keys[old_rows[j]]} (pHash Hamming {distance})")
         if p.text_min_similarity is not None and old_keys and keys:
             for i, j, similarity in nd.similar_matches(data.caption_embeddings, old.caption_embeddings, p.text_min_similarity):
-                refuse(i, "previous", f"near-duplicate caption of {previous.tag} sample {old_keys[j]} (cosine {similarity:.3f})")
+                refuse_new(i, "previous", f"near-duplicate caption of {previous.tag} sample {old_keys[j]} (cosine {similarity:.3f})")
+        return len(carried)
