@@ -133,11 +133,7 @@ def release_flow(
     job = release.prepare(recipe_path, registry or settings.default_registry(), samples=samples, seed=seed,
                           publish=publish, overrides=overrides or ())
     prefetch_gx()  # the ~4 s import overlaps generation
-    execution = job.recipe.execution
-    if workers:
-        execution = execution.model_copy(update={"workers": workers})
-    if dask_address:
-        execution = execution.model_copy(update={"runner": "dask", "dask_address": dask_address})
+    execution = release.execution_for(job.recipe, workers, dask_address)
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -204,7 +200,8 @@ def run_release(
 ) -> dict[str, Any]:
     """Check the inputs, then run the flow (on the configured Prefect API, else a local
     temporary one). Bad input fails here, before Prefect starts."""
-    release.preflight(recipe_path, registry, samples, seed, publish, overrides or ())
+    recipe, _ = release.preflight(recipe_path, registry, samples, seed, publish, overrides or ())
+    release.execution_for(recipe, workers, dask_address)
     with prefect_api():
         return release_flow(
             recipe_path=recipe_path, registry=registry, samples=samples, seed=seed, publish=publish,

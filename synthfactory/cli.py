@@ -62,6 +62,7 @@ def _release(
     publish: bool,
     workers: int | None,
     overrides: list[str] | None = None,
+    dask_address: str | None = None,
 ) -> dict:
     """Run the release flow, turning failures into one clear message (bad input: exit 2)."""
     from flows.release import run_release
@@ -73,7 +74,8 @@ def _release(
 
     try:
         return run_release(
-            str(recipe), str(registry), samples=samples, seed=seed, publish=publish, workers=workers, overrides=overrides
+            str(recipe), str(registry), samples=samples, seed=seed, publish=publish, workers=workers,
+            overrides=overrides, dask_address=dask_address,
         )
     except (RecipeError, ModelError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
@@ -87,7 +89,8 @@ def _print_summary(summary: dict) -> None:
     out.print(
         f"[bold green]{summary['tag'] or 'staged (not published)'}[/]: {summary['samples']} samples, "
         f"{summary['rejected']} rejected, {summary['retries']} shard retries, "
-        f"{summary['samples_per_s']} samples/s -> {summary['release_dir']}",
+        f"{summary['samples_per_s']} samples/s ({summary['shards_generated']} shards generated, "
+        f"{summary['shards_reused']} reused) -> {summary['release_dir']}",
         highlight=False,
     )
 
@@ -104,9 +107,12 @@ def run(
         Optional[list[str]],
         typer.Option("--set", help="override a recipe field: FIELD.PATH=VALUE (YAML value), repeatable"),
     ] = None,
+    dask_address: Annotated[
+        Optional[str], typer.Option(help="run the shards on this Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    ] = None,
 ) -> None:
-    """Generate -> validate -> publish a release of RECIPE."""
-    summary = _release(recipe, registry or _default_registry(), samples, seed, publish, workers, overrides)
+    """Generate -> validate -> publish a release of RECIPE (a rerun resumes from finished shards)."""
+    summary = _release(recipe, registry or _default_registry(), samples, seed, publish, workers, overrides, dask_address)
     _print_summary(summary)
 
 

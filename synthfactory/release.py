@@ -28,12 +28,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import yaml
+from pydantic import ValidationError
 
 from synthfactory import pipeline, settings
 from synthfactory.card import render_card
 from synthfactory.checks import DatasetView, PreviousRelease
 from synthfactory.models import UsesModel
-from synthfactory.recipe import Recipe, load_recipe
+from synthfactory.recipe import Execution, Recipe, RecipeError, load_recipe
 from synthfactory.drills import crash_point
 from synthfactory.registry import DataRegistry, FileSnapshot, RegistryError, Release
 from synthfactory.report import render_report
@@ -194,6 +195,19 @@ def prepare(
     return ReleaseJob(
         recipe, registry, recipe_source, recipe_file, inputs, code, shlex.join(command), work_dir, code_version(code)
     )
+
+
+def execution_for(recipe: Recipe, workers: int | None = None, dask_address: str | None = None) -> Execution:
+    """The recipe's execution settings with a run's own choices (they change where shards
+    run, not what they hold); a bad value is a RecipeError naming the option."""
+    update: dict[str, Any] = {"workers": workers} if workers else {}
+    if dask_address:
+        update.update(runner="dask", dask_address=dask_address)
+    try:
+        return Execution.model_validate({**recipe.execution.model_dump(), **update})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}, got {e['input']!r}" for e in exc.errors())
+        raise RecipeError(f"invalid run option: {problems}") from None
 
 
 def gate_spec(recipe: Recipe) -> GateSpec:
