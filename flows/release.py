@@ -80,7 +80,7 @@ def generate_shards(job: release.ReleaseJob, execution: Execution) -> list[pipel
     try:
         with ShardProgress(job.recipe.name, len(pending)) as progress:
             while pending or in_flight:
-                while pending and len(in_flight) < window and not feed.must_wait():
+                while pending and len(in_flight) < window and not feed.must_wait(len(in_flight)):
                     plan, key = pending.popleft()
                     in_flight[generate.submit(job.recipe, plan, job.cache, key)] = plan
                 if not in_flight:

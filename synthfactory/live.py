@@ -10,9 +10,9 @@ when the run has finished (or failed). A reader never sees a half-written shard 
 a path enters the feed only after its tar was fsynced and renamed into place.
 
 ``consumers/<consumer>.json`` is each reader's progress (shards read, heartbeat).
-With ``execution.max_unread_shards`` set, the run submits no new shard while the
-slowest live reader is that many shards behind: a slow trainer pauses generation
-instead of filling the disk. A reader silent for ``STALE_AFTER_S`` no longer holds the
+With ``execution.max_unread_shards`` set, the run starts no new shard while the
+slowest live reader would fall more than that many shards behind (finished plus in
+flight): a slow trainer pauses generation instead of filling the disk. A reader silent for ``STALE_AFTER_S`` no longer holds the
 run back, so a crashed trainer cannot stall it forever.
 """
 
@@ -103,16 +103,19 @@ class FeedWriter:
                 progress = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            if progress.get("run_id") == self.feed.run_id and time.time() - progress.get("heartbeat", 0) < STALE_AFTER_S:
-                positions.append(int(progress.get("consumed", 0)))
+            waiting_for_a_run = progress.get("run_id") is None
+            if (progress.get("run_id") == self.feed.run_id or waiting_for_a_run) and \
+                    time.time() - progress.get("heartbeat", 0) < STALE_AFTER_S:
+                positions.append(0 if waiting_for_a_run else int(progress.get("consumed", 0)))
         return min(positions) if positions else None
 
-    def must_wait(self) -> bool:
-        """True while the slowest reader is `max_unread` shards (or more) behind the run."""
+    def must_wait(self, in_flight: int = 0) -> bool:
+        """True while starting one more shard could leave the slowest reader more than
+        `max_unread` shards behind, counting the `in_flight` shards that will land."""
         if self.max_unread is None:
             return False
         slowest = self.slowest_reader()
-        return slowest is not None and len(self.feed.shards) - slowest >= self.max_unread
+        return slowest is not None and len(self.feed.shards) + in_flight - slowest >= self.max_unread
 
 
 class FeedReader:
@@ -125,8 +128,10 @@ class FeedReader:
     def feed(self) -> Feed | None:
         return read_feed(self.registry_root, self.dataset)
 
-    def report(self, run_id: str, consumed: int) -> None:
-        """Record that `consumed` shards of run `run_id` have been read (also a heartbeat)."""
+    def report(self, run_id: str | None, consumed: int) -> None:
+        """Record that `consumed` shards of run `run_id` have been read (also a heartbeat).
+        `run_id=None` registers a reader waiting for the next run, which then starts
+        no more shards than the reader's buffer allows."""
         path = live_dir(self.registry_root, self.dataset) / CONSUMERS_DIR / f"{self.consumer}.json"
         _write_json_atomic(path, {"run_id": run_id, "consumed": consumed, "heartbeat": time.time()})
 

@@ -1,0 +1,71 @@
+"""The run side of train-while-generate: a real release run announces each durable shard
+on the live feed, and a slow reader holds generation back to its buffer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.release import run_release
+from synthfactory.live import FeedReader
+from synthfactory.registry import DataRegistry
+from synthfactory.shards import read_shard
+
+pytestmark = pytest.mark.slow
+
+MAX_UNREAD = 2
+
+
+def test_a_slow_reader_holds_the_run_to_its_buffer(tmp_path, prefect):
+    recipe = tmp_path / "live.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "live", "samples": 240, "shard_size": 30, "seed": 5,
+        "generator": {"kind": "procedural-shapes", "params": {"image_size": 24, "classes": ["circle", "square"]}},
+        "validation": {"balance_tolerance": None, "caption_length": {"min": 5, "max": 200}},
+        "execution": {"workers": 2, "retries": 0, "max_unread_shards": MAX_UNREAD},
+    }))
+    registry = DataRegistry.open(tmp_path / "registry").root
+    reader = FeedReader(registry, "live")
+    reader.report(None, 0)  # a trainer started before the run: generation waits for it
+    seen: list[tuple[str, int]] = []
+    worst_lag = []
+    errors: list[BaseException] = []
+
+    def read_slowly() -> None:
+        try:
+            while True:
+                feed = reader.feed()
+                if feed is None:
+                    time.sleep(0.05)
+                    continue
+                # what is on disk but unread can never exceed the buffer
+                worst_lag.append(len(feed.shards) - len(seen))
+                if len(seen) < len(feed.shards):
+                    shard = feed.shards[len(seen)]
+                    samples = sum(1 for _ in read_shard(Path(shard.path)))  # whole: a half shard would not parse
+                    seen.append((shard.name, samples))
+                    time.sleep(1.0)  # a slow training step
+                    reader.report(feed.run_id, len(seen))
+                elif feed.done:
+                    return
+                else:
+                    reader.report(feed.run_id, len(seen))
+                    time.sleep(0.05)
+        except BaseException as exc:  # surfaced by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=read_slowly, daemon=True)
+    thread.start()
+    summary = run_release(str(recipe), str(registry), publish=False)
+    thread.join(timeout=60)
+
+    assert not errors, errors
+    assert not thread.is_alive()
+    assert sorted(name for name, _ in seen) == [f"live-{i:06d}.tar" for i in range(8)]
+    assert sum(samples for _, samples in seen) == summary["samples"]  # no dataset check refused any
+    assert max(worst_lag) <= MAX_UNREAD
+    assert reader.feed().state == "finished"
