@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lock s3-start s3-stop clean
+.PHONY: install demo server test bench lock s3-start s3-stop clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/synthfactory demo
+
+# Prefect server + UI on http://127.0.0.1:4200 with every recipe deployed from prefect.yaml,
+# the embedded S3 and a worker; Ctrl-C stops them (options: make server ARGS="--port 4300").
+server: $(STAMP)
+	$(BIN)/synthfactory server $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

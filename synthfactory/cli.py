@@ -332,6 +332,42 @@ def demo(
     )
 
 
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="interface the Prefect server listens on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port of the Prefect API and UI")] = 4200,
+    api_url: Annotated[
+        Optional[str], typer.Option(help="use this running Prefect API (e.g. http://host:4200/api) instead of starting a server")
+    ] = None,
+    registry: Annotated[
+        Optional[Path],
+        typer.Option(envvar="SYNTHFACTORY_REGISTRY", help="registry the worker releases into (default: <data dir>/registry, a scratch clone of this repo)"),
+    ] = None,
+    prefect_file: Annotated[Optional[Path], typer.Option(help="deployments to apply (default: this checkout's prefect.yaml)")] = None,
+    worker: Annotated[bool, typer.Option(help="run a process worker here (off: workers run elsewhere)")] = True,
+) -> None:
+    """A local Prefect server with every recipe deployed from prefect.yaml (schedules and
+    parameters in the UI), the embedded S3 and a worker; Ctrl-C stops them all."""
+    import synthfactory
+    from synthfactory.server import ServerError, ServerInputError, Stack, serve
+
+    factory = Path(synthfactory.__file__).resolve().parent.parent
+    if not (factory / ".git").exists():
+        raise _fail(f"the server runs flows from a synthfactory checkout; {factory} is not one", EXIT_BAD_INPUT)
+    stack = Stack(
+        checkout=factory,
+        prefect_file=(prefect_file or factory / "prefect.yaml").resolve(),
+        registry=(registry or settings.data_dir() / "registry").resolve(),
+        host=host, port=port, remote_api=api_url, run_worker=worker,
+    )
+    try:
+        serve(stack, say=lambda line: out.print(line, highlight=False, markup=False))
+    except ServerInputError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    except ServerError as exc:
+        raise _fail(str(exc)) from None
+
+
 @s3_app.command("start")
 def s3_start() -> None:
     """Start the embedded S3 server in the background (data and credentials in the data dir)."""
