@@ -122,6 +122,7 @@ def release_flow(
     overrides: list[str] | None = None,
     workers: int | None = None,
     dask_address: str | None = None,
+    only_if_changed: bool = False,
 ) -> dict[str, Any]:
     """Turn a recipe into a gated release in `registry` (tagged and pushed when `publish`).
 
@@ -129,9 +130,14 @@ def release_flow(
     deployment's checkout). `overrides` are `FIELD.PATH=VALUE` edits of the recipe, as
     `synthfactory run --set`. `workers` and `dask_address` (an existing Dask scheduler,
     e.g. tcp://10.0.0.5:8786) change where shards run, not what they hold.
+    `only_if_changed` skips the run when the latest release already has these inputs
+    (a schedule then tags only real changes).
     """
     job = release.prepare(recipe_path, registry or settings.default_registry(), samples=samples, seed=seed,
                           publish=publish, overrides=overrides or ())
+    if only_if_changed and (current := release.latest_release_with_inputs(job.registry, job.recipe.name, job.inputs_fingerprint)):
+        release.discard(job)
+        return {"dataset": job.recipe.name, "tag": current, "up_to_date": True}
     prefetch_gx()  # the ~4 s import overlaps generation
     execution = release.execution_for(job.recipe, workers, dask_address)
 

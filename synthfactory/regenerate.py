@@ -15,7 +15,7 @@ from pathlib import Path
 
 from synthfactory.recipe import load_recipe
 from synthfactory.registry import DataRegistry
-from synthfactory.release import code_files, inputs_fingerprint
+from synthfactory.release import code_files, inputs_fingerprint, latest_release_with_inputs
 from synthfactory.shard_cache import code_version
 
 
@@ -59,10 +59,11 @@ def decide(registry: DataRegistry, recipes: list[Path], since: str | None = None
             continue
         fingerprint = inputs_fingerprint(recipe, code_version(code_files(recipe)))
         releases = registry.releases(recipe.name)
+        current = latest_release_with_inputs(registry, recipe.name, fingerprint)
         if not releases:
             decisions.append(Decision(path, recipe.name, True, "never released"))
-        elif registry.tag_note(releases[-1].tag).get("inputs_fingerprint") != fingerprint:
+        elif current is None:
             decisions.append(Decision(path, recipe.name, True, f"inputs differ from {releases[-1].tag}"))
         else:
-            decisions.append(Decision(path, recipe.name, False, f"up to date with {releases[-1].tag}"))
+            decisions.append(Decision(path, recipe.name, False, f"up to date with {current}"))
     return decisions

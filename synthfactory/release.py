@@ -210,6 +210,19 @@ def execution_for(recipe: Recipe, workers: int | None = None, dask_address: str 
         raise RecipeError(f"invalid run option: {problems}") from None
 
 
+def latest_release_with_inputs(registry: DataRegistry, dataset: str, fingerprint: str) -> str | None:
+    """The latest release's tag if it was made from exactly these inputs, else None."""
+    releases = registry.releases(dataset)
+    if releases and registry.tag_note(releases[-1].tag).get("inputs_fingerprint") == fingerprint:
+        return releases[-1].tag
+    return None
+
+
+def discard(job: ReleaseJob) -> None:
+    """Drop a job's work dir without releasing (nothing else was written)."""
+    shutil.rmtree(job.work_dir, ignore_errors=True)
+
+
 def gate_spec(recipe: Recipe) -> GateSpec:
     generator = pipeline.generator_for(recipe)
     schema = pipeline.schema_for(recipe)

@@ -5,6 +5,7 @@ publishes. Uses its own SeaweedFS so the outage is real."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,10 @@ def tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_failed_push_rolls_back_exactly_and_a_rerun_publishes(tmp_path, prefect, monkeypatch, repo_root):
+@pytest.fixture
+def own_s3(tmp_path, monkeypatch) -> Iterator[tuple[EmbeddedS3, EmbeddedS3]]:
+    """A SeaweedFS of this test's own (the factory pointed at it), and a second handle
+    that restarts it on the same port, keys and data after an outage."""
     server = EmbeddedS3(tmp_path / "s3")
     config = server.start()
     restarted = EmbeddedS3(tmp_path / "s3", s3_port=int(config.endpoint_url.rsplit(":", 1)[1]),
@@ -37,53 +41,58 @@ def test_failed_push_rolls_back_exactly_and_a_rerun_publishes(tmp_path, prefect,
     }.items():
         monkeypatch.setenv(name, value)
     try:
-        # The registry is a factory checkout with work in progress.
-        registry = tmp_path / "factory"
-        git(tmp_path, "clone", "--quiet", str(repo_root), str(registry))
-        recipe = registry / "recipes" / "tiny.yaml"  # untracked, used in place
-        recipe.write_text(yaml.safe_dump({
-            "name": "tiny", "samples": 120, "shard_size": 60, "seed": 1,
-            "generator": {"kind": "procedural-shapes", "params": {"image_size": 32}},
-            "validation": {"balance_tolerance": None},
-            "execution": {"workers": 2, "retries": 1, "retry_backoff_s": 0.1},
-        }))
-        assert run_release(str(recipe), str(registry))["tag"] == "tiny@v1"
-        edited = registry / "synthfactory" / "shards.py"
-        edited.write_text(edited.read_text() + "\n# work in progress\n")
-        (registry / "notes.txt").write_text("mine")
-        status, head, v1_data = git(registry, "status", "--porcelain"), git(registry, "rev-parse", "HEAD"), tree(registry / "data" / "tiny")
-        dirty_code = edited.read_bytes()
-
-        validate = synthfactory.release.validate
-
-        def validate_then_lose_s3(*args, **kwargs):
-            result = validate(*args, **kwargs)
-            server.stop()
-            return result
-
-        monkeypatch.setattr(synthfactory.release, "validate", validate_then_lose_s3)
-        with pytest.raises(RegistryError, match="dvc push tiny"):
-            run_release(str(recipe), str(registry), seed=2)
-
-        assert git(registry, "rev-parse", "HEAD") == head
-        assert git(registry, "tag").split() == ["tiny@v1"]
-        assert git(registry, "status", "--porcelain") == status
-        assert edited.read_bytes() == dirty_code
-        assert tree(registry / "data" / "tiny") == v1_data
-
-        monkeypatch.setattr(synthfactory.release, "validate", validate)
-        restarted.start()  # same port, keys and data: the committed endpoint works again
-        second = run_release(str(recipe), str(registry), seed=2)
-        assert second["tag"] == "tiny@v2"
-        assert (second["shards_generated"], second["shards_reused"]) == (0, 2)  # the failed run's shards
-        assert tree(registry / "data" / "tiny") != v1_data
-        assert "seed: 2" in git(registry, "show", "tiny@v2:data/tiny/recipe.yaml")
+        yield server, restarted
     finally:
         server.stop()
         restarted.stop()
 
 
-def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monkeypatch):
+def test_failed_push_rolls_back_exactly_and_a_rerun_publishes(tmp_path, prefect, monkeypatch, repo_root, own_s3):
+    server, restarted = own_s3
+    # The registry is a factory checkout with work in progress.
+    registry = tmp_path / "factory"
+    git(tmp_path, "clone", "--quiet", str(repo_root), str(registry))
+    recipe = registry / "recipes" / "tiny.yaml"  # untracked, used in place
+    recipe.write_text(yaml.safe_dump({
+        "name": "tiny", "samples": 120, "shard_size": 60, "seed": 1,
+        "generator": {"kind": "procedural-shapes", "params": {"image_size": 32}},
+        "validation": {"balance_tolerance": None},
+        "execution": {"workers": 2, "retries": 1, "retry_backoff_s": 0.1},
+    }))
+    assert run_release(str(recipe), str(registry))["tag"] == "tiny@v1"
+    edited = registry / "synthfactory" / "shards.py"
+    edited.write_text(edited.read_text() + "\n# work in progress\n")
+    (registry / "notes.txt").write_text("mine")
+    status, head, v1_data = git(registry, "status", "--porcelain"), git(registry, "rev-parse", "HEAD"), tree(registry / "data" / "tiny")
+    dirty_code = edited.read_bytes()
+
+    validate = synthfactory.release.validate
+
+    def validate_then_lose_s3(*args, **kwargs):
+        result = validate(*args, **kwargs)
+        server.stop()
+        return result
+
+    monkeypatch.setattr(synthfactory.release, "validate", validate_then_lose_s3)
+    with pytest.raises(RegistryError, match="dvc push tiny"):
+        run_release(str(recipe), str(registry), seed=2)
+
+    assert git(registry, "rev-parse", "HEAD") == head
+    assert git(registry, "tag").split() == ["tiny@v1"]
+    assert git(registry, "status", "--porcelain") == status
+    assert edited.read_bytes() == dirty_code
+    assert tree(registry / "data" / "tiny") == v1_data
+
+    monkeypatch.setattr(synthfactory.release, "validate", validate)
+    restarted.start()  # same port, keys and data: the committed endpoint works again
+    second = run_release(str(recipe), str(registry), seed=2)
+    assert second["tag"] == "tiny@v2"
+    assert (second["shards_generated"], second["shards_reused"]) == (0, 2)  # the failed run's shards
+    assert tree(registry / "data" / "tiny") != v1_data
+    assert "seed: 2" in git(registry, "show", "tiny@v2:data/tiny/recipe.yaml")
+
+
+def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monkeypatch, own_s3):
     """S3 goes down right after the gate and comes back 10 s later: the push is
     retried with backoff and the release completes, whole in S3."""
     import os
@@ -92,15 +101,7 @@ def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monke
     from synthfactory.registry import dvc_executable
     from synthfactory.release import verify_release
 
-    server = EmbeddedS3(tmp_path / "s3")
-    config = server.start()
-    restarted = EmbeddedS3(tmp_path / "s3", s3_port=int(config.endpoint_url.rsplit(":", 1)[1]),
-                           access_key=config.access_key, secret_key=config.secret_key)
-    for name, value in {
-        "SYNTHFACTORY_S3_ENDPOINT": config.endpoint_url, "SYNTHFACTORY_S3_BUCKET": config.bucket,
-        "AWS_ACCESS_KEY_ID": config.access_key, "AWS_SECRET_ACCESS_KEY": config.secret_key,
-    }.items():
-        monkeypatch.setenv(name, value)
+    server, restarted = own_s3
     outage: list[threading.Thread] = []
     validate = synthfactory.release.validate
 
@@ -133,5 +134,3 @@ def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monke
     finally:
         for timer in outage:
             timer.join()
-        server.stop()
-        restarted.stop()

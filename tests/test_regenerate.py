@@ -94,5 +94,11 @@ def test_only_the_changed_recipe_is_released_and_pushed(factory, storage_env, pr
     assert tags(repo) == ["alpha@v1", "beta@v1", "beta@v2", "gamma@v1", "gamma@v2"]
     assert "gamma@v2" not in tags(origin)
 
-    # Nothing changed: nothing released.
+    # Nothing changed: nothing released, by regenerate or by a scheduled run.
     assert "release" not in regenerate(repo, "--dry-run").split()
+    from flows.release import release_flow
+
+    skipped = release_flow(recipe_path=str(repo / "recipes" / "alpha.yaml"), registry=str(repo), only_if_changed=True)
+    assert skipped == {"dataset": "alpha", "tag": "alpha@v1", "up_to_date": True}
+    assert tags(repo) == ["alpha@v1", "beta@v1", "beta@v2", "gamma@v1", "gamma@v2"]
+    assert not list((repo / ".synthfactory" / "work").iterdir())

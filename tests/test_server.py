@@ -200,14 +200,10 @@ def test_a_run_triggered_through_the_api_becomes_a_release_that_a_fresh_clone_pu
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="SQLAlchemy 2.1.9 (requirements.lock) breaks Prefect 3.8.8's scheduler: bulk-inserting scheduled "
-    "runs raises \"Can't evaluate bulk DML statement\" (FlowRun.state is a hybrid property), so cron "
-    "schedules create no runs; pinning SQLAlchemy<2.1 should fix it, and this test then fails as XPASS",
-)
 def test_an_active_schedule_gets_upcoming_runs(live_server):
-    # The scheduler looks at recently updated deployments every few seconds; the earlier tests
+    # Fails under SQLAlchemy 2.1 (the scheduler's bulk insert raises "Can't evaluate bulk DML
+    # statement"), hence the <2.1 pin. The scheduler looks at recently updated deployments
+    # every few seconds; the earlier tests
     # have usually given it that time already.
     from prefect.client.schemas.filters import (
         DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
