@@ -390,6 +390,12 @@ def consumer_share(position: int, shards: int, consumer: int, consumers: int) ->
     return len(range(position, consumers, shards)), consumer // shards
 
 
+def consumer_index(rank: int, world_size: int, worker: int) -> int:
+    """This consumer's number among world_size × workers: ranks vary fastest, so the
+    round-robin remainder spreads over ranks (they differ by at most one shard)."""
+    return worker * world_size + rank
+
+
 def _distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Explicit values, else torch.distributed's, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
     if rank is None or world_size is None:
@@ -513,7 +519,7 @@ class ShardDataset(IterableDataset):
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         consumers = self.world_size * workers
-        consumer = self.rank * workers + worker_id
+        consumer = consumer_index(self.rank, self.world_size, worker_id)
         epoch = self.epoch
         raw = self._live_samples(consumer, consumers) if self.live else self._release_samples(consumer, consumers, epoch)
         if self.shuffle_buffer > 1:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from synthfactory.generators import Sample, SampleSlot
 from synthfactory.generators.procedural import ShapesGenerator
 from synthfactory.live import CONSUMERS_DIR, FeedWriter, live_dir
-from synthfactory.loader import LoaderError, ShardCache, consumer_share, iter_samples, load
+from synthfactory.loader import LoaderError, ShardCache, consumer_index, consumer_share, iter_samples, load
 from synthfactory.shards import plan_shards, sample_key, sample_seed, tar_bytes, write_tar
 from synthfactory.storage import StorageConfig
 
@@ -109,6 +109,18 @@ def test_consumer_shares_cover_every_sample_once(shards: int) -> None:
                 stride, offset = share
                 seen.update((position, i) for i in range(samples) if i % stride == offset)
     assert seen == Counter({(p, i): 1 for p in range(shards) for i in range(samples)})
+
+
+@pytest.mark.parametrize("shards", range(6, 13))
+def test_ranks_get_shard_counts_within_one(shards: int) -> None:
+    world_size, workers = 3, 2
+    per_rank = Counter()
+    for rank in range(world_size):
+        for worker in range(workers):
+            consumer = consumer_index(rank, world_size, worker)
+            per_rank[rank] += sum(consumer_share(p, shards, consumer, world_size * workers) == (1, 0) for p in range(shards))
+    assert max(per_rank.values()) - min(per_rank.values()) <= 1
+    assert sum(per_rank.values()) == shards
 
 
 @pytest.mark.slow
