@@ -715,7 +715,9 @@ def load(
     `registry` is a registry repo (shards read through DVC at the release tag: DVC's
     cache, else streamed from S3 into the shard cache) or a release directory (read in
     place). `version`: N, "vN", "<dataset>@vN"; None = latest. With `live=True` it
-    follows the run in progress in `registry` instead (see `synthfactory.live`).
+    follows the run in progress in `registry` instead (see `synthfactory.live`), in feed
+    order (`shuffle` does not apply), polling every `poll_s` when caught up and giving
+    up after `live_timeout_s` without a new shard; `consumer` names its progress files.
 
     Samples are dicts: ``__key__``, ``__shard__``, one entry per tar member by extension
     and ``label`` (the class index in `classes`, default the recipe's
@@ -724,7 +726,8 @@ def load(
     images) or "raw" (bytes). `fields` limits the entries (and the decoding work).
 
     Each (rank, DataLoader worker) reads its share of the shards in an order seeded by
-    (`seed`, epoch): every sample once per epoch. `shuffle_buffer` > 1 also shuffles
+    (`seed`, epoch): every sample once per epoch. `rank`/`world_size` default to
+    torch.distributed's, else $RANK / $WORLD_SIZE, else 0 / 1. `shuffle_buffer` > 1 also shuffles
     samples within a sliding buffer. `cache_bytes` bounds the shard cache in `cache_dir`
     (default `default_cache_dir()`); 0 turns caching off.
     """
