@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from test_release import write_recipe
 from torch.utils.data import DataLoader
 
@@ -160,6 +161,11 @@ def test_shard_order_is_seeded_by_epoch_and_seed(published: Published) -> None:
     assert shard_order(0, 5) != shard_order(0, 6)
     assert sorted(shard_order(3, 5)) == sorted(published.shard_files)
     assert shard_order(0, 5, shuffle=False) == sorted(published.shard_files)
+
+    # For code without torch tensors: PIL images, text, integer labels.
+    first = next(iter_samples("loadme", registry=published.release_dir, decode="pil", fields=["png", "txt", "label"]))
+    assert isinstance(first["png"], Image.Image) and first["png"].size == (16, 16) and first["png"].mode == "RGB"
+    assert isinstance(first["txt"], str) and first["label"] in (0, 1, 2)
 
     # The shuffle buffer reorders samples, not which ones are read.
     plain = [s["__key__"] for s in iter_samples("loadme", registry=published.release_dir, decode="raw", fields=["txt"])]
