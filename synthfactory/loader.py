@@ -510,8 +510,9 @@ class ShardDataset(IterableDataset):
         unknown = sorted(set(names) - set(self.shard_names))
         if unknown:
             raise LoaderError(f"unknown shard {unknown[0]!r}; this dataset has: {', '.join(self.shard_names)}")
+        wanted = set(names)
         selected = copy.copy(self)
-        selected.shard_names = [name for name in self.shard_names if name in set(names)]
+        selected.shard_names = [name for name in self.shard_names if name in wanted]
         selected._epoch = multiprocessing.Value("q", self.epoch, lock=False)
         return selected
 
