@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -73,9 +72,8 @@ def accuracy(model: nn.Module, loader: DataLoader) -> tuple[int, float]:
 def datasets(args: argparse.Namespace) -> tuple[ShardDataset, ShardDataset]:
     """(training shards, held-out shards) of the release or the live run."""
     options = {"fields": FIELDS, "cache_dir": args.cache_dir, "seed": args.seed, "shuffle_buffer": args.shuffle_buffer}
-    if args.live:
-        classes = yaml.safe_load(args.recipe.read_text())["generator"]["params"]["classes"]
-        dataset = load(args.dataset, registry=args.registry, live=True, classes=classes, **options)
+    if args.live:  # the run's feed names the classes, a release its recipe.yaml
+        dataset = load(args.dataset, registry=args.registry, live=True, **options)
     else:
         dataset = load(args.dataset, args.version, args.registry, **options)
     if len(dataset.shard_names) <= args.holdout:
@@ -89,8 +87,6 @@ def main() -> None:
     parser.add_argument("--registry", type=Path, required=True, help="registry repo (a clone is enough) or release directory")
     parser.add_argument("--version", help="N, vN or shapes@vN (default: latest)")
     parser.add_argument("--live", action="store_true", help="follow the run in progress in --registry")
-    parser.add_argument("--recipe", type=Path, default=Path(__file__).resolve().parent.parent / "recipes" / "shapes.yaml",
-                        help="with --live: the run's recipe, for the class list")
     parser.add_argument("--dataset", default="shapes")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--holdout", type=int, default=1, help="shards kept for the accuracy figure")

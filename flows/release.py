@@ -70,7 +70,9 @@ def generate_shards(job: release.ReleaseJob, execution: Execution) -> list[pipel
     `max_unread_shards` no new shard starts. Shards the cache already holds return at once."""
     generate = generate_shard.with_options(retries=execution.retries, retry_delay_seconds=execution.retry_delays())
     pending = deque(job.shard_keys())
-    feed = FeedWriter(job.registry.root, job.recipe.name, len(pending), execution.max_unread_shards)
+    labels = pipeline.generator_for(job.recipe).labels()
+    feed = FeedWriter(job.registry.root, job.recipe.name, len(pending), execution.max_unread_shards,
+                      list(labels) if labels else None)
     window = 2 * (execution.workers or os.cpu_count() or 1)
     progress_id = create_progress_artifact(
         0.0, key=f"{_artifact_key(job)}-progress", description=f"shards of {job.recipe.name} finished (%)"

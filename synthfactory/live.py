@@ -59,6 +59,7 @@ class Feed:
     shards: list[FeedShard] = field(default_factory=list)
     state: str = "running"  # running | finished | failed
     message: str = ""
+    classes: list[str] | None = None  # the recipe's label set, so readers can index labels
 
     @property
     def done(self) -> bool:
@@ -78,10 +79,11 @@ def read_feed(registry_root: Path, dataset: str) -> Feed | None:
 class FeedWriter:
     """The run's side: announce durable shards, wait for readers, say when it is over."""
 
-    def __init__(self, registry_root: Path, dataset: str, total_shards: int, max_unread: int | None = None) -> None:
+    def __init__(self, registry_root: Path, dataset: str, total_shards: int, max_unread: int | None = None,
+                 classes: list[str] | None = None) -> None:
         self.dir = live_dir(registry_root, dataset)
         self.max_unread = max_unread
-        self.feed = Feed(dataset, uuid.uuid4().hex, total_shards)
+        self.feed = Feed(dataset, uuid.uuid4().hex, total_shards, classes=classes)
         self._save()
 
     def _save(self) -> None:

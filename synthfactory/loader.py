@@ -346,14 +346,19 @@ class _LiveRun:
     """The durable shards of a run in progress, as its feed announces them."""
 
     def __init__(self, registry_root: Path, dataset: str, poll_s: float, timeout_s: float, consumer: str) -> None:
-        feed = read_feed(registry_root, dataset)
-        if feed is None:
-            raise LoaderError(
-                f"no live feed for dataset {dataset!r} in {registry_root}: start its run first "
-                f"(the run writes .synthfactory/live/{dataset}/feed.json)"
-            )
-        _raise_if_failed(feed)
+        """Follow the run in progress; a trainer started first waits (up to `timeout_s`)
+        for the run to start, rather than replaying a run that already finished."""
+        deadline = time.monotonic() + timeout_s
+        while (feed := read_feed(registry_root, dataset)) is None or feed.done:
+            if time.monotonic() > deadline:
+                raise LoaderError(
+                    f"no running live feed for dataset {dataset!r} in {registry_root} within {timeout_s:g} s "
+                    f"(live_timeout_s): start its run (it writes .synthfactory/live/{dataset}/feed.json); "
+                    "a finished run is read as a release (version=…)"
+                )
+            time.sleep(poll_s)
         self.registry_root, self.dataset = registry_root, dataset
+        self.classes = tuple(feed.classes) if feed.classes else None
         self.run_id, self.total_shards = feed.run_id, feed.total_shards
         self.poll_s, self.timeout_s, self.consumer = poll_s, timeout_s, consumer
         self.label = f"live run {feed.run_id} of {dataset} in {registry_root}"
@@ -773,7 +778,7 @@ def load(
         source, shards, names,
         decode=decode,
         fields=tuple(fields) if fields is not None else None,
-        classes=tuple(classes) if classes else _classes_of(recipe_text),
+        classes=tuple(classes) if classes else (source.classes if live else _classes_of(recipe_text)),
         shuffle=shuffle, seed=seed, shuffle_buffer=shuffle_buffer,
         rank=rank, world_size=world_size, cache=cache,
     )  # fmt: skip

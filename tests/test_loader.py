@@ -399,7 +399,7 @@ def test_bad_input_is_named(published: Published, tmp_path: Path, monkeypatch) -
         (dict(decode="numpy"), r"decode='numpy': choose one of torch, pil, raw"),
         (dict(fields="png"), r"fields='png'"),
         (dict(rank=2, world_size=2), r"rank=2 and world_size=2"),
-        (dict(live=True), r"no live feed for dataset 'loadme'"),
+        (dict(live=True, live_timeout_s=0.1, poll_s=0.02), r"no running live feed for dataset 'loadme'"),
         (dict(live=True, version=1), r"version=1 with live=True"),
         (dict(registry=tmp_path), r"registry=.*is not the top of a git repository"),
         (dict(registry=published.release_dir, version=1), r"version=1 with release directory"),
