@@ -29,6 +29,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/release_throughput.py
 	$(BIN)/python bench/model_throughput.py
+	$(BIN)/python bench/operations.py
+	$(BIN)/python bench/loader_throughput.py
 
 s3-start: $(STAMP)
 	$(BIN)/synthfactory s3 start
