@@ -65,15 +65,14 @@ def task_runner_for(execution: Execution) -> TaskRunner:
 
 @flow(name="generate-shards", flow_run_name="generate-{job.recipe.name}")
 def generate_shards(job: release.ReleaseJob, execution: Execution) -> list[pipeline.ShardResult]:
-    """Fan the shards out over the task runner, a bounded window at a time: each finished
-    shard is announced on the live feed at once, and while a live reader lags by
-    `max_unread_shards` no new shard starts. Shards the cache already holds return at once."""
+    """Fan the shards out over the task runner (all at once, or, while a live reader lags
+    by `max_unread_shards`, no more than it can take); each finished shard is announced
+    on the live feed at once. Shards the cache already holds return at once."""
     generate = generate_shard.with_options(retries=execution.retries, retry_delay_seconds=execution.retry_delays())
     pending = deque(job.shard_keys())
     labels = pipeline.generator_for(job.recipe).labels()
     feed = FeedWriter(job.registry.root, job.recipe.name, len(pending), execution.max_unread_shards,
                       list(labels) if labels else None)
-    window = 2 * (execution.workers or os.cpu_count() or 1)
     progress_id = create_progress_artifact(
         0.0, key=f"{_artifact_key(job)}-progress", description=f"shards of {job.recipe.name} finished (%)"
     )
@@ -82,7 +81,7 @@ def generate_shards(job: release.ReleaseJob, execution: Execution) -> list[pipel
     try:
         with ShardProgress(job.recipe.name, len(pending)) as progress:
             while pending or in_flight:
-                while pending and len(in_flight) < window and not feed.must_wait(len(in_flight)):
+                while pending and not feed.must_wait(len(in_flight)):
                     plan, key = pending.popleft()
                     in_flight[generate.submit(job.recipe, plan, job.cache, key)] = plan
                 if not in_flight:
