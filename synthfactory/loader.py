@@ -29,7 +29,6 @@ import multiprocessing
 import os
 import random
 import re
-import tarfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -47,7 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from synthfactory import settings
 from synthfactory.live import FeedReader, read_feed
 from synthfactory.registry import DataRegistry, RegistryError
-from synthfactory.shards import SHARDS_DIR, shard_name
+from synthfactory.shards import SHARDS_DIR, read_shard, shard_name
 from synthfactory.storage import ACCESS_KEY_VAR, ENDPOINT_VAR, SECRET_KEY_VAR, StorageError
 
 DECODE_MODES = ("torch", "pil", "raw")
@@ -418,23 +417,6 @@ def _distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, in
 # -- decoding ---------------------------------------------------------------------------
 
 
-def _tar_samples(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a tar read front to back (members grouped by key)."""
-    key, files = None, {}
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = member.name.rpartition("/")[2].partition(".")
-            if stem != key and key is not None:
-                yield key, files
-                files = {}
-            key = stem
-            files[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    if key is not None:
-        yield key, files
-
-
 def _decode_member(ext: str, data: bytes, mode: str) -> Any:
     if mode == "raw":
         return data
@@ -590,7 +572,7 @@ class ShardDataset(IterableDataset):
     def _read(self, ref: ShardRef, stride: int, offset: int) -> Iterator[tuple[str, dict[str, bytes], str]]:
         count = 0
         with self._stream(ref) as stream:
-            for index, (key, files) in enumerate(_tar_samples(stream)):
+            for index, (key, files) in enumerate(read_shard(stream)):
                 count += 1
                 if index % stride == offset:
                     yield key, files, ref.name

@@ -13,6 +13,7 @@ import io
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,10 +194,12 @@ def fragment_path(fragments_dir: Path, shard: str, kind: str) -> Path:
     return fragments_dir / f"{Path(shard).stem}.{kind}.parquet"
 
 
-def read_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) per sample, grouping consecutive members like WebDataset."""
+def read_shard(source: Path | BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) per sample, grouping consecutive members like WebDataset.
+    `source` is a path or a binary stream (S3, a cache file), read front to back once."""
     key, files = None, {}
-    with tarfile.open(path, mode="r") as tar:
+    opened = tarfile.open(fileobj=source, mode="r|") if hasattr(source, "read") else tarfile.open(source, mode="r|")
+    with opened as tar:
         for member in tar:
             if not member.isfile():
                 continue
