@@ -1,4 +1,4 @@
-"""`synthfactory` command line: run, validate, releases, pull, demo, s3."""
+"""`synthfactory` command line: run, regenerate, validate, releases, pull, server, demo, tiny-models, s3."""
 
 from __future__ import annotations
 
