@@ -69,7 +69,7 @@ def generate_shards(job: release.ReleaseJob, execution: Execution) -> list[pipel
     by `max_unread_shards`, no more than it can take); each finished shard is announced
     on the live feed at once. Shards the cache already holds return at once."""
     generate = generate_shard.with_options(retries=execution.retries, retry_delay_seconds=execution.retry_delays())
-    pending = deque(job.shard_keys())
+    pending = deque(job.shard_keys)
     labels = pipeline.generator_for(job.recipe).labels()
     feed = FeedWriter(job.registry.root, job.recipe.name, len(pending), execution.max_unread_shards,
                       list(labels) if labels else None)

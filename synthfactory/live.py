@@ -31,6 +31,11 @@ FEED_FILE = "feed.json"
 CONSUMERS_DIR = "consumers"
 
 
+def default_consumer() -> str:
+    """A reader name unique to this process: host-pid-random."""
+    return f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def live_dir(registry_root: Path, dataset: str) -> Path:
     return Path(registry_root) / ".synthfactory" / "live" / dataset
 
@@ -125,7 +130,7 @@ class FeedReader:
 
     def __init__(self, registry_root: Path, dataset: str, consumer: str | None = None) -> None:
         self.registry_root, self.dataset = Path(registry_root), dataset
-        self.consumer = consumer or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.consumer = consumer or default_consumer()
 
     def feed(self) -> Feed | None:
         return read_feed(self.registry_root, self.dataset)

@@ -44,7 +44,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from synthfactory import settings
-from synthfactory.live import FeedReader, read_feed
+from synthfactory.live import FeedReader, default_consumer, read_feed
 from synthfactory.registry import DataRegistry, RegistryError
 from synthfactory.shards import SHARDS_DIR, read_shard, shard_name
 from synthfactory.storage import ACCESS_KEY_VAR, ENDPOINT_VAR, SECRET_KEY_VAR, StorageError
@@ -169,11 +169,9 @@ class CacheWriter:
 
     def __init__(self, cache: ShardCache, key: str, part: Path, handle: BinaryIO) -> None:
         self.cache, self.key, self.part, self._handle = cache, key, part, handle
-        self.written = 0
 
     def write(self, data: bytes) -> None:
         self._handle.write(data)
-        self.written += len(data)
 
     def commit(self) -> None:
         self._handle.flush()
@@ -531,14 +529,16 @@ class ShardDataset(IterableDataset):
         live: _LiveRun = self.source  # type: ignore[assignment]
         reader = FeedReader(live.registry_root, live.dataset, consumer=f"{live.consumer}-{consumer}")
         selected = set(self.shard_names)
-        position, selected_seen = 0, 0
+        position, selected_seen, reported = 0, 0, None
         last_news = last_report = time.monotonic()
+        feed = None
         try:
             while True:
-                feed = reader.feed()
-                if feed is None or feed.run_id != live.run_id:
-                    raise LoaderError(f"the feed of {live.label} was replaced by another run")
-                _raise_if_failed(feed)
+                if feed is None:  # read again after each shard read, and on each poll
+                    feed = reader.feed()
+                    if feed is None or feed.run_id != live.run_id:
+                        raise LoaderError(f"the feed of {live.label} was replaced by another run")
+                    _raise_if_failed(feed)
                 if position < len(feed.shards):
                     entry = feed.shards[position]
                     share = None
@@ -553,11 +553,13 @@ class ShardDataset(IterableDataset):
                                 reader.report(live.run_id, position)
                                 last_report = time.monotonic()
                             yield sample
+                        feed = None
                     position += 1
                     last_news = time.monotonic()
                     continue
-                reader.report(live.run_id, position)
-                last_report = time.monotonic()
+                if position != reported or time.monotonic() - last_report > HEARTBEAT_S:
+                    reader.report(live.run_id, position)
+                    reported, last_report = position, time.monotonic()
                 if feed.done:
                     return
                 if time.monotonic() - last_news > live.timeout_s:
@@ -566,6 +568,7 @@ class ShardDataset(IterableDataset):
                         f"{len(feed.shards)} of {feed.total_shards}; is the run still alive?"
                     )
                 time.sleep(live.poll_s)
+                feed = None
         finally:
             reader.leave()
 
@@ -657,24 +660,22 @@ def _buffer_shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> I
 
 def resolve_tag(registry: DataRegistry, dataset: str, version: int | str | None) -> str:
     """`version` (N, "vN", "<dataset>@vN", or None for the latest) as an existing tag."""
-    releases = registry.releases(dataset)
+    releases = registry.tags(dataset)
     if not releases:
-        known = sorted({r.dataset for r in registry.releases()})
+        known = sorted({tag.rpartition("@v")[0] for tag in registry.tags()})
         raise LoaderError(
             f"unknown dataset {dataset!r}: registry {registry.root} has no {dataset}@vN tag; "
             f"datasets released there: {', '.join(known) or 'none'}"
         )
     if version is None:
-        return releases[-1].tag
+        return releases[-1]
     text = str(version)
     match = re.fullmatch(rf"(?:{re.escape(dataset)}@)?v?(\d+)", text)
     if not match:
         raise LoaderError(f"version={version!r}: give N, 'vN' or '{dataset}@vN'")
     tag = f"{dataset}@v{int(match.group(1))}"
-    if tag not in {r.tag for r in releases}:
-        raise LoaderError(
-            f"unknown version {version!r} of {dataset!r} in {registry.root}; released: {', '.join(r.tag for r in releases)}"
-        )
+    if tag not in releases:
+        raise LoaderError(f"unknown version {version!r} of {dataset!r} in {registry.root}; released: {', '.join(releases)}")
     return tag
 
 
@@ -733,7 +734,7 @@ def load(
     if live:
         if version is not None:
             raise LoaderError(f"version={version!r} with live=True: a live run is not a release yet; drop one")
-        source = _LiveRun(root, dataset, poll_s, live_timeout_s, consumer or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        source = _LiveRun(root, dataset, poll_s, live_timeout_s, consumer or default_consumer())
         shards, names, recipe_text = None, source.planned_names(), None
     elif (root / SHARDS_DIR).is_dir():
         if version is not None:

@@ -130,9 +130,14 @@ def build_shard(
         rejected=len(rejections),
         seconds=time.perf_counter() - started,
         attempt=attempt,
-        worker=f"{socket.gethostname()}:{os.getpid()}",
+        worker=this_worker(),
         device=",".join(devices) or "cpu",
     )
+
+
+def this_worker() -> str:
+    """host:pid, to tell which worker process produced a shard."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def injected_fault(faults: Faults, seed: int, shard: int, attempt: int) -> bool:
@@ -151,7 +156,7 @@ def make_shard(recipe: Recipe, plan: ShardPlan, cache: ShardCache, key: str, att
     recorded = cache.lookup(key)
     if recorded is not None:
         return ShardResult(plan.index, plan.name, recorded["samples"], recorded["rejected"], 0.0, attempt,
-                           key=key, reused=True, worker=f"{socket.gethostname()}:{os.getpid()}")
+                           key=key, reused=True, worker=this_worker())
     if injected_fault(recipe.faults, recipe.seed, plan.index, attempt):
         raise TransientGeneratorError(f"injected fault: shard {plan.index} attempt {attempt}")
     staging = cache.staging_dir(key)

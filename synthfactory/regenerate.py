@@ -10,12 +10,13 @@ since a ref (the commits a CI push brought), so CI does not even load the others
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from synthfactory.recipe import load_recipe
+from synthfactory.recipe import Recipe, load_recipe
 from synthfactory.registry import DataRegistry
-from synthfactory.release import code_files, inputs_fingerprint, latest_release_with_inputs
+from synthfactory.release import code_files, inputs_fingerprint, latest_release_with_inputs, recipe_locations
 from synthfactory.shard_cache import code_version
 
 
@@ -31,17 +32,10 @@ def recipe_paths(registry: DataRegistry) -> list[Path]:
     return sorted((registry.root / "recipes").glob("*.yaml"))
 
 
-def dependencies(recipe_path: Path, registry: DataRegistry) -> list[str]:
-    """Registry-relative paths of everything the recipe's release depends on."""
-    recipe = load_recipe(recipe_path)
-    own = [recipe_path.resolve(), *((recipe_path.parent / name).resolve() for name in recipe.input_files())]
-    paths = []
-    for path in own:
-        try:
-            paths.append(path.relative_to(registry.root).as_posix())
-        except ValueError:
-            continue  # outside the registry: only the fingerprint can tell
-    return paths + [relative for _, relative in code_files(recipe)]
+def dependencies(recipe: Recipe, recipe_path: Path, registry: DataRegistry, code: Sequence[tuple[Path, str]]) -> list[str]:
+    """Registry paths of everything the recipe's release depends on (the dvc.yaml deps)."""
+    recipe_file, inputs = recipe_locations(recipe, recipe_path.resolve(), registry)
+    return [recipe_file, *(relative for _, relative in inputs), *(relative for _, relative in code)]
 
 
 def changed_since(registry: DataRegistry, ref: str) -> set[str]:
@@ -54,16 +48,15 @@ def decide(registry: DataRegistry, recipes: list[Path], since: str | None = None
     decisions = []
     for path in recipes:
         recipe = load_recipe(path)
-        if changed is not None and not changed.intersection(dependencies(path, registry)):
+        code = code_files(recipe)
+        if changed is not None and not changed.intersection(dependencies(recipe, path, registry, code)):
             decisions.append(Decision(path, recipe.name, False, f"no input changed since {since}"))
             continue
-        fingerprint = inputs_fingerprint(recipe, code_version(code_files(recipe)))
-        releases = registry.releases(recipe.name)
-        current = latest_release_with_inputs(registry, recipe.name, fingerprint)
-        if not releases:
+        latest = registry.latest_tag(recipe.name)
+        if latest is None:
             decisions.append(Decision(path, recipe.name, True, "never released"))
-        elif current is None:
-            decisions.append(Decision(path, recipe.name, True, f"inputs differ from {releases[-1].tag}"))
+        elif latest_release_with_inputs(registry, recipe.name, inputs_fingerprint(recipe, code_version(code))) is None:
+            decisions.append(Decision(path, recipe.name, True, f"inputs differ from {latest}"))
         else:
-            decisions.append(Decision(path, recipe.name, False, f"up to date with {current}"))
+            decisions.append(Decision(path, recipe.name, False, f"up to date with {latest}"))
     return decisions

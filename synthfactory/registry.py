@@ -157,6 +157,19 @@ class DataRegistry:
             releases.append(Release(name, int(version), tag, commit[:40], date, metrics))
         return sorted(releases, key=lambda r: (r.dataset, r.version))
 
+    def tags(self, dataset: str | None = None) -> list[str]:
+        """Release tags in (dataset, version) order, without reading their metrics."""
+        found = []
+        for tag in self.git("tag", "--list", f"{dataset}@v*" if dataset else "*@v*").split():
+            name, _, version = tag.rpartition("@v")
+            if version.isdigit():
+                found.append((name, int(version), tag))
+        return [tag for *_, tag in sorted(found)]
+
+    def latest_tag(self, dataset: str) -> str | None:
+        tags = self.tags(dataset)
+        return tags[-1] if tags else None
+
     def tag_note(self, tag: str) -> dict[str, Any]:
         """The JSON summary a release wrote into its annotated tag ({} if none)."""
         body = self.git("for-each-ref", f"refs/tags/{tag}", "--format=%(contents:body)").strip()
@@ -174,7 +187,8 @@ class DataRegistry:
         return self.git("remote").split()
 
     def next_tag(self, dataset: str) -> str:
-        return f"{dataset}@v{max((r.version for r in self.releases(dataset)), default=0) + 1}"
+        latest = self.latest_tag(dataset)
+        return f"{dataset}@v{int(latest.rpartition('@v')[2]) + 1 if latest else 1}"
 
     def sync_file(self, source: Path, relative: str) -> str:
         """Make the registry hold `source` at `relative` (recipe, generator code); return the path."""

@@ -8,6 +8,7 @@ turn them into a gated, versioned release.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -38,7 +39,7 @@ from synthfactory.recipe import Execution, Recipe, RecipeError, load_recipe
 from synthfactory.drills import crash_point
 from synthfactory.registry import DataRegistry, FileSnapshot, RegistryError, Release
 from synthfactory.report import render_report
-from synthfactory.shard_cache import ShardCache, code_version, shard_key
+from synthfactory.shard_cache import ShardCache, code_version, recipe_digest, shard_keys
 from synthfactory.shards import CORE_COLUMNS, SHARDS_DIR, ShardPlan, plan_shards, read_shard
 from synthfactory.storage import StorageConfig, StorageError, ensure_bucket
 from synthfactory.validation import GateResult, GateSpec, manifest_frame, quality_row, validate_manifest
@@ -98,8 +99,10 @@ class ReleaseJob:
     def plans(self) -> list[ShardPlan]:
         return plan_shards(self.recipe.name, self.recipe.samples, self.recipe.shard_size)
 
+    @functools.cached_property
     def shard_keys(self) -> list[tuple[ShardPlan, str]]:
-        return [(plan, shard_key(self.recipe, self.code_version, plan)) for plan in self.plans()]
+        plans = self.plans()
+        return list(zip(plans, shard_keys(self.recipe, self.code_version, plans), strict=True))
 
     @property
     def inputs_fingerprint(self) -> str:
@@ -114,8 +117,7 @@ class ReleaseJob:
 
 
 def inputs_fingerprint(recipe: Recipe, code: str) -> str:
-    content = recipe.model_dump(mode="json", exclude={"execution", "faults"})
-    return hashlib.sha256(json.dumps({"recipe": content, "code": code}, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(f"{recipe_digest(recipe)}:{code}".encode()).hexdigest()
 
 
 def code_files(recipe: Recipe) -> tuple[tuple[Path, str], ...]:
@@ -172,10 +174,7 @@ def prepare(
     """Preflight, then give the run a private work dir in the registry's scratch space."""
     recipe, registry = preflight(recipe_path, registry_path, samples, seed, publish, overrides)
     recipe_source = Path(recipe_path).resolve()
-    try:
-        recipe_file = recipe_source.relative_to(registry.root).as_posix()
-    except ValueError:
-        recipe_file = f"recipes/{recipe.name}.yaml"
+    recipe_file, inputs = recipe_locations(recipe, recipe_source, registry)
     command = ["synthfactory", "run", recipe_file, "--no-publish"]
     if samples is not None:
         command += ["--samples", str(samples)]
@@ -187,14 +186,26 @@ def prepare(
     (registry.scratch / "work").mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-", dir=registry.scratch / "work"))
     (work_dir / OWNER_FILE).write_text(str(os.getpid()))
-    inputs = tuple(
-        ((recipe_source.parent / name).resolve(), posixpath.normpath(posixpath.join(posixpath.dirname(recipe_file), name)))
-        for name in recipe.input_files()
-    )
     code = code_files(recipe)
     return ReleaseJob(
         recipe, registry, recipe_source, recipe_file, inputs, code, shlex.join(command), work_dir, code_version(code)
     )
+
+
+def recipe_locations(
+    recipe: Recipe, recipe_source: Path, registry: DataRegistry
+) -> tuple[str, tuple[tuple[Path, str], ...]]:
+    """Where the recipe, and each file it reads, lives inside the registry: (recipe path,
+    ((file, its path), ...)). A recipe from outside goes to recipes/<name>.yaml."""
+    try:
+        recipe_file = recipe_source.relative_to(registry.root).as_posix()
+    except ValueError:
+        recipe_file = f"recipes/{recipe.name}.yaml"
+    inputs = tuple(
+        ((recipe_source.parent / name).resolve(), posixpath.normpath(posixpath.join(posixpath.dirname(recipe_file), name)))
+        for name in recipe.input_files()
+    )
+    return recipe_file, inputs
 
 
 def execution_for(recipe: Recipe, workers: int | None = None, dask_address: str | None = None) -> Execution:
@@ -212,9 +223,9 @@ def execution_for(recipe: Recipe, workers: int | None = None, dask_address: str 
 
 def latest_release_with_inputs(registry: DataRegistry, dataset: str, fingerprint: str) -> str | None:
     """The latest release's tag if it was made from exactly these inputs, else None."""
-    releases = registry.releases(dataset)
-    if releases and registry.tag_note(releases[-1].tag).get("inputs_fingerprint") == fingerprint:
-        return releases[-1].tag
+    latest = registry.latest_tag(dataset)
+    if latest is not None and registry.tag_note(latest).get("inputs_fingerprint") == fingerprint:
+        return latest
     return None
 
 
@@ -365,7 +376,7 @@ def materialize(job: ReleaseJob) -> None:
     """--no-publish: put the gated release in data/<dataset>/ without touching git or DVC."""
     with job.registry.lock():
         _swap_in(job)
-        job.cache.prune(keep={key for _, key in job.shard_keys()})
+        job.cache.prune(keep={key for _, key in job.shard_keys})
     shutil.rmtree(job.work_dir)
 
 
@@ -424,7 +435,7 @@ def publish(job: ReleaseJob, storage: StorageConfig, metrics: dict[str, Any]) ->
                 failure.add_note(f"rolling back the registry also failed: {rollback_failure}")
             raise
         (job.work_dir / JOURNAL_FILE).unlink()
-        job.cache.prune(keep={key for _, key in job.shard_keys()})
+        job.cache.prune(keep={key for _, key in job.shard_keys})
     shutil.rmtree(job.work_dir)
     return released
 

@@ -106,13 +106,14 @@ def _free_port_with_partner(offset: int, avoid: set[int | None]) -> int:
     raise StorageError(f"found no free pair of ports {offset} apart for the SeaweedFS admin server")
 
 
-def port_is_free(port: int) -> bool:
-    """Whether a server could listen on `port` now. SO_REUSEADDR, as Go's listeners set
-    it, so the TIME_WAIT connections a just-stopped server leaves do not count."""
+def port_is_free(port: int, host: str = "") -> bool:
+    """Whether a server could listen on `host`:`port` now. SO_REUSEADDR, as Go's and
+    uvicorn's listeners set it, so TIME_WAIT connections a just-stopped server leaves do
+    not count."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("", port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True

@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from synthfactory import settings
-from synthfactory.s3server import ENV_FILE, daemon_config, start_daemon, stop_daemon
+from synthfactory.s3server import ENV_FILE, daemon_config, port_is_free, start_daemon, stop_daemon
 from synthfactory.storage import ENV_FILE_VAR, StorageError
 
 #: how long a fresh server may take to migrate its database and answer /health
@@ -90,14 +89,10 @@ def read_prefect_file(path: Path) -> list[DeploymentSpec]:
 
 
 def check_port_free(host: str, port: int) -> None:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ServerInputError(
-                f"cannot listen on {host}:{port} ({exc.strerror}): another server (a Prefect server?) uses it; pass --port"
-            ) from None
+    if not port_is_free(port, host):
+        raise ServerInputError(
+            f"cannot listen on {host}:{port}: another server (a Prefect server?) uses it; pass --port"
+        )
 
 
 def prefect_home() -> Path:
@@ -258,7 +253,7 @@ def deployed(api_url: str, specs: list[DeploymentSpec]) -> dict[str, str]:
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[s.name for s in specs])),
             sort=DeploymentSort.NAME_ASC, limit=len(specs),  # explicit: the pinned FastAPI refuses nulls
         )
-        flows = {d.flow_id: client.read_flow(d.flow_id).name for d in deployments}
+        flows = {flow_id: client.read_flow(flow_id).name for flow_id in {d.flow_id for d in deployments}}
     order = [spec.name for spec in specs]
     return {
         f"{flows[d.flow_id]}/{d.name}": ", ".join(

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,28 @@ from synthfactory.recipe import Recipe
 from synthfactory.shards import REJECTED_DIR, SHARDS_DIR, ShardPlan
 
 RESULT_FILE = "result.json"
-#: recipe fields that change how a run executes, never the bytes of a shard
-NOT_IN_KEY = ("samples", "execution", "faults")
+#: recipe fields that change how a run executes, never the bytes it makes
+RUN_SETTINGS = ("execution", "faults")
+
+
+def recipe_digest(recipe: Recipe, *, exclude: tuple[str, ...] = RUN_SETTINGS) -> str:
+    """Hash of the recipe's content (every default spelled out) without `exclude`."""
+    content = recipe.model_dump(mode="json", exclude=set(exclude))
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def shard_keys(recipe: Recipe, code_version: str, plans: Sequence[ShardPlan]) -> list[str]:
+    """Each plan's key. The sample count only decides how many shards there are, so it
+    is left out: a recipe that appends samples keeps the keys of its full shards."""
+    content = recipe_digest(recipe, exclude=("samples", *RUN_SETTINGS))
+    return [
+        hashlib.sha256(f"{content}:{code_version}:{plan.index}:{plan.start}:{plan.stop}".encode()).hexdigest()
+        for plan in plans
+    ]
 
 
 def shard_key(recipe: Recipe, code_version: str, plan: ShardPlan) -> str:
-    content = {name: value for name, value in recipe.model_dump(mode="json").items() if name not in NOT_IN_KEY}
-    identity = {"recipe": content, "code": code_version, "shard": [plan.index, plan.start, plan.stop]}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return shard_keys(recipe, code_version, [plan])[0]
 
 
 def code_version(files: Iterable[tuple[Path, str]]) -> str:
