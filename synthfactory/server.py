@@ -32,7 +32,7 @@ from synthfactory.storage import ENV_FILE_VAR, StorageError
 
 #: how long a fresh server may take to migrate its database and answer /health
 HEALTH_TIMEOUT_S = 120.0
-#: once it has run a flow, prefect 3.8.8's worker logs SIGTERM but may not exit (seen: > 30 s)
+#: once it has run a flow, Prefect's worker logs SIGTERM but may not exit (seen: > 30 s)
 WORKER_GRACE_S = 5.0
 SERVER_GRACE_S = 15.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -209,35 +209,12 @@ def ensure_process_pool(api_url: str, name: str) -> None:
 def deploy(prefect_file: Path, checkout: Path, env: Mapping[str, str]) -> None:
     """`prefect deploy --all` from the checkout (entrypoints and recipes are relative to it)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "synthfactory.server", str(prefect_file)],
+        _prefect("deploy", "--all", "--prefect-file", str(prefect_file)),
         cwd=checkout, env=dict(env), capture_output=True, text=True,
     )
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
         raise ServerError(f"`prefect deploy --all --prefect-file {prefect_file}` failed (exit {proc.returncode}):\n{tail}")
-
-
-def _prefect_deploy_all(prefect_file: str) -> None:
-    """The deploy child: Prefect's own `deploy --all`, after one compatibility fix.
-
-    Prefect 3.8.8's client asks for a pool's workers with `"limit": null, "offset": null`,
-    which the server under the pinned FastAPI 0.154 refuses (422), so `prefect deploy` fails
-    right after the first deployment. Sending the server's defaults instead changes nothing
-    else; drop this once the pinned FastAPI accepts the nulls again.
-    """
-    from prefect.cli import app
-    from prefect.client.orchestration import PrefectClient
-    from prefect.settings import get_current_settings
-
-    read_workers = PrefectClient.read_workers_for_work_pool
-    default_limit = get_current_settings().server.api.default_limit
-
-    async def read_workers_with_explicit_page(self, work_pool_name, worker_filter=None, offset=None, limit=None):
-        return await read_workers(self, work_pool_name, worker_filter, offset=offset or 0, limit=limit or default_limit)
-
-    PrefectClient.read_workers_for_work_pool = read_workers_with_explicit_page
-    sys.argv = ["prefect", "--no-prompt", "deploy", "--all", "--prefect-file", prefect_file]
-    app()
 
 
 def deployed(api_url: str, specs: list[DeploymentSpec]) -> dict[str, str]:
@@ -251,7 +228,7 @@ def deployed(api_url: str, specs: list[DeploymentSpec]) -> dict[str, str]:
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         deployments = client.read_deployments(
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[s.name for s in specs])),
-            sort=DeploymentSort.NAME_ASC, limit=len(specs),  # explicit: the pinned FastAPI refuses nulls
+            sort=DeploymentSort.NAME_ASC,
         )
         flows = {flow_id: client.read_flow(flow_id).name for flow_id in {d.flow_id for d in deployments}}
     order = [spec.name for spec in specs]
@@ -409,7 +386,3 @@ def _ready_message(stack: Stack, example: str, s3_env_file: str | None) -> str:
         ]
     lines.append("Ctrl-C stops what was started here.")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # the deploy child, see deploy()
-    _prefect_deploy_all(sys.argv[1])
