@@ -35,10 +35,13 @@ def main() -> None:
     settings.apply_offline_defaults()
     import dataclasses
 
-    from synthfactory import pipeline
     from synthfactory.recipe import load_recipe
-    from synthfactory.release import gate_spec
-    from synthfactory.shard_cache import ShardCache, shard_key
+    from synthfactory.release.build import make_shard
+    from synthfactory.release.bundle import plugins_of
+    from synthfactory.release.fingerprint import shard_keys
+    from synthfactory.release.gate import gate_spec
+    from synthfactory.release.shard_cache import ShardCache
+    from synthfactory.release.stage import assemble, judge_dataset
     from synthfactory.shards import plan_shards
     from synthfactory.validation import manifest_frame, quality_row, validate_manifest
 
@@ -50,8 +53,8 @@ def main() -> None:
     def build(recipe, name: str) -> tuple[ShardCache, list]:
         started = time.perf_counter()
         cache = ShardCache(scratch / name)
-        results = [pipeline.make_shard(recipe, plan, cache, shard_key(recipe, "bench", plan))
-                   for plan in plan_shards(recipe.name, recipe.samples, recipe.shard_size)]
+        plans = plan_shards(recipe.name, recipe.samples, recipe.shard_size)
+        results = [make_shard(recipe, plan, cache, key) for plan, key in zip(plans, shard_keys(recipe, "bench", plans))]
         timings[name] = time.perf_counter() - started
         return cache, results
 
@@ -59,9 +62,9 @@ def main() -> None:
     cache, results = build(checked, "checks")
     for result in results:
         cache.link_into(result.key, result.name, scratch / "stage")
-    manifest, rejected = pipeline.assemble(checked, cache, results)
+    manifest, rejected = assemble(cache, plugins_of(checked).schema, results)
     started = time.perf_counter()
-    manifest, rejected, quality = pipeline.judge_dataset(checked, scratch / "stage", manifest, rejected, None)
+    manifest, rejected, quality = judge_dataset(plugins_of(checked), scratch / "stage", manifest, rejected, None)
     timings["judge"] = time.perf_counter() - started
     frame = manifest_frame(manifest)
     spec = gate_spec(checked)

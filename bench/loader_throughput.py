@@ -45,8 +45,8 @@ def publish(work: Path, samples: int, shard_size: int) -> str:
 
     shutil.rmtree(work / "registry", ignore_errors=True)
     summary = run_release(str(RECIPE), str(work / "registry"), samples=samples, overrides=[f"shard_size={shard_size}"])
-    marker.write_text(json.dumps({"wanted": wanted, "tag": summary["tag"]}))
-    return summary["tag"]
+    marker.write_text(json.dumps({"wanted": wanted, "tag": summary.tag}))
+    return summary.tag
 
 
 def measure(variant: str, work: Path, tag: str) -> dict[str, float]:

@@ -73,11 +73,11 @@ def main() -> None:
     import torch
 
     from synthfactory import tinymodels
-    from synthfactory.generators import Sample, SampleSlot
+    from synthfactory.generators import Sample
     from synthfactory.generators.llm_captions import _load_lm
-    from synthfactory.pipeline import generator_for
     from synthfactory.recipe import load_recipe
-    from synthfactory.shards import sample_key, sample_seed
+    from synthfactory.release.bundle import plugins_of
+    from synthfactory.samples import slot_for
 
     scratch = Path(tempfile.mkdtemp(prefix="synthfactory-model-bench-"))
     s = args.scale
@@ -95,9 +95,9 @@ def main() -> None:
         f"generator.params.captions.params.batch_size={args.caption_batch}",
         f"generator.params.captions.params.max_new_tokens={args.max_new_tokens}",
     ])
-    images = generator_for(recipe)
+    images = plugins_of(recipe).generator
     captions = images.captions
-    slots = [SampleSlot(i, sample_key(i), sample_seed(recipe.seed, i)) for i in range(args.captions)]
+    slots = [slot_for(recipe.seed, i) for i in range(args.captions)]
     prompts = [captions.prompt(slot) for slot in slots]
     texts = [f"a photo of {p.fields['concept']}" for p in prompts]
     caption_samples = [Sample(slot, text, {"txt": text.encode()}, "txt") for slot, text in zip(slots, texts)]

@@ -57,7 +57,7 @@ def bench_dask(scratch: Path, samples: int) -> dict:
                     client.run(lambda: __import__("tasks.generate") and None)
                 registry = scratch / f"dask-{workers}-{round_}"
                 summary = run_release(str(recipe), str(registry), publish=False, dask_address=cluster.scheduler_address)
-            metrics = json.loads((Path(summary["release_dir"]) / "metrics.json").read_text())
+            metrics = json.loads((Path(summary.release_dir) / "metrics.json").read_text())
             seconds[workers].append(metrics["run"]["seconds"])
             bare = bare_pool(recipe, workers, scratch / f"bare-{workers}-{round_}")
             seconds.setdefault(-workers, []).append(bare)
@@ -74,7 +74,7 @@ def bench_dask(scratch: Path, samples: int) -> dict:
 
 
 def _bare_shard(job: tuple) -> int:
-    from synthfactory.pipeline import make_shard
+    from synthfactory.release.build import make_shard
 
     recipe, plan, cache, key = job
     return make_shard(recipe, plan, cache, key).samples
@@ -86,13 +86,14 @@ def bare_pool(recipe_path: Path, processes: int, root: Path) -> float:
     import multiprocessing
 
     from synthfactory.recipe import load_recipe
-    from synthfactory.shard_cache import ShardCache, shard_key
+    from synthfactory.release.fingerprint import shard_keys
+    from synthfactory.release.shard_cache import ShardCache
     from synthfactory.shards import plan_shards
 
     recipe = load_recipe(recipe_path)
     cache = ShardCache(root)
-    jobs = [(recipe, plan, cache, shard_key(recipe, "bench", plan))
-            for plan in plan_shards(recipe.name, recipe.samples, recipe.shard_size)]
+    plans = plan_shards(recipe.name, recipe.samples, recipe.shard_size)
+    jobs = [(recipe, plan, cache, key) for plan, key in zip(plans, shard_keys(recipe, "bench", plans))]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         pool.map(_warm, range(processes))
         started = time.perf_counter()
@@ -101,7 +102,7 @@ def bare_pool(recipe_path: Path, processes: int, root: Path) -> float:
 
 
 def _warm(_: int) -> None:
-    import synthfactory.pipeline  # noqa: F401
+    import synthfactory.release.build  # noqa: F401
 
 
 def bench_resume(scratch: Path, samples: int, prefect_url: str, env: dict[str, str]) -> dict:
@@ -178,14 +179,14 @@ def bench_append(scratch: Path, samples: int) -> dict:
         entry = part_of.get(md5, "directory listings")
         uploaded_by[entry] = uploaded_by.get(entry, 0) + size
     uploaded, release_bytes = sum(new_objects.values()), sum(sizes.values())
-    total = second["shards_generated"] + second["shards_reused"]
+    total = second.shards_generated + second.shards_reused
     return {
-        "first": first["tag"],
-        "second": second["tag"],
+        "first": first.tag,
+        "second": second.tag,
         "samples": [samples, samples + samples // 100],
-        "shards_generated": second["shards_generated"],
+        "shards_generated": second.shards_generated,
         "shards_total": total,
-        "shards_generated_pct": round(100 * second["shards_generated"] / total, 2),
+        "shards_generated_pct": round(100 * second.shards_generated / total, 2),
         "shard_bytes_uploaded_pct": round(100 * uploaded_by.get("shards", 0) / sizes["shards"], 2),
         "bytes_uploaded": uploaded,
         "release_bytes": release_bytes,

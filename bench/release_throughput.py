@@ -30,7 +30,7 @@ RECIPE = REPO / "recipes" / "shapes.yaml"
 
 
 def _bare_shard(args: tuple) -> int:
-    from synthfactory.pipeline import build_shard
+    from synthfactory.release.build import build_shard
 
     recipe, plan, stage_dir, fragments_dir = args
     return build_shard(recipe, plan, stage_dir, fragments_dir).samples
@@ -61,7 +61,7 @@ def flow(samples: int, workers: int, registry: Path, publish: bool) -> float:
     started = time.perf_counter()
     summary = run_release(str(RECIPE), str(registry), samples=samples, publish=publish, workers=workers)
     elapsed = time.perf_counter() - started
-    assert summary["samples"] == samples, summary
+    assert summary.samples == samples, summary
     return elapsed
 
 

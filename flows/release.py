@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,16 @@ from prefect.futures import as_completed
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from synthfactory import pipeline, release, settings
+from synthfactory import settings
 from synthfactory.live import FeedWriter
 from synthfactory.models import ModelError
 from synthfactory.progress import ShardProgress
 from synthfactory.recipe import Execution
-from synthfactory.report import run_markdown
+from synthfactory.release.build import ShardFailedError, ShardResult
+from synthfactory.release.gate import GateFailedError
+from synthfactory.release.job import ReleaseJob, ReleaseRequest, discard, latest_release_with_inputs, prepare
+from synthfactory.release.report import run_markdown
+from synthfactory.release.summary import RunStats, RunSummary
 from synthfactory.shards import SHARDS_DIR
 from synthfactory.validation import prefetch_gx
 from tasks.generate import generate_shard
@@ -37,6 +42,9 @@ settings.apply_offline_defaults()
 
 #: poll interval while back-pressure holds generation for a slow live reader
 READER_POLL_S = 0.5
+#: a job the caller already prepared for the flow it is about to run (the CLI checks its
+#: inputs before Prefect starts; the flow then does not check them again)
+_PREPARED: ContextVar[ReleaseJob | None] = ContextVar("prepared_release_job", default=None)
 
 
 def _run_name() -> str:
@@ -64,20 +72,21 @@ def task_runner_for(execution: Execution) -> TaskRunner:
 
 
 @flow(name="generate-shards", flow_run_name="generate-{job.recipe.name}")
-def generate_shards(job: release.ReleaseJob, execution: Execution) -> list[pipeline.ShardResult]:
+def generate_shards(job: ReleaseJob) -> list[ShardResult]:
     """Fan the shards out over the task runner (all at once, or, while a live reader lags
     by `max_unread_shards`, no more than it can take); each finished shard is announced
     on the live feed at once. Shards the cache already holds return at once."""
+    execution = job.execution
     generate = generate_shard.with_options(retries=execution.retries, retry_delay_seconds=execution.retry_delays())
     pending = deque(job.shard_keys)
-    labels = pipeline.generator_for(job.recipe).labels()
+    labels = job.plugins.labels()
     feed = FeedWriter(job.registry.root, job.recipe.name, len(pending), execution.max_unread_shards,
                       list(labels) if labels else None)
     progress_id = create_progress_artifact(
         0.0, key=f"{_artifact_key(job)}-progress", description=f"shards of {job.recipe.name} finished (%)"
     )
     in_flight: dict[Any, Any] = {}
-    results: list[pipeline.ShardResult] = []
+    results: list[ShardResult] = []
     try:
         with ShardProgress(job.recipe.name, len(pending)) as progress:
             while pending or in_flight:
@@ -93,7 +102,7 @@ def generate_shards(job: release.ReleaseJob, execution: Execution) -> list[pipel
                     result = future.result()
                 except Exception as exc:
                     attempts = "(not retried)" if isinstance(exc, ModelError) else f"after {execution.retries + 1} attempts"
-                    raise release.ShardFailedError(
+                    raise ShardFailedError(
                         f"shard {plan.name} failed {attempts}: {type(exc).__name__}: {exc} "
                         f"(finished shards are kept in {job.cache.root}; a rerun reuses them)"
                     ) from exc
@@ -108,7 +117,7 @@ def generate_shards(job: release.ReleaseJob, execution: Execution) -> list[pipel
     return results
 
 
-def _artifact_key(job: release.ReleaseJob) -> str:
+def _artifact_key(job: ReleaseJob) -> str:
     """Artifact keys allow lowercase letters, digits and dashes only."""
     return "release-" + job.recipe.name.replace("_", "-")
 
@@ -124,7 +133,7 @@ def release_flow(
     workers: int | None = None,
     dask_address: str | None = None,
     only_if_changed: bool = False,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Turn a recipe into a gated release in `registry` (tagged and pushed when `publish`).
 
     `registry` defaults to $SYNTHFACTORY_REGISTRY, else the working directory (a
@@ -134,65 +143,59 @@ def release_flow(
     `only_if_changed` skips the run when the latest release already has these inputs
     (a schedule then tags only real changes).
     """
-    job = release.prepare(recipe_path, registry or settings.default_registry(), samples=samples, seed=seed,
-                          publish=publish, overrides=overrides or ())
-    if only_if_changed and (current := release.latest_release_with_inputs(job.registry, job.recipe.name, job.inputs_fingerprint)):
-        release.discard(job)
-        return {"dataset": job.recipe.name, "tag": current, "up_to_date": True}
+    request = ReleaseRequest(
+        recipe_path, registry or settings.default_registry(), samples, seed, publish, tuple(overrides or ()), workers,
+        dask_address, only_if_changed,
+    )
+    prepared = _PREPARED.get()
+    job = prepared if prepared is not None and prepared.request == request else prepare(request)
+    summary = RunSummary(job.recipe.name, str(job.registry.root), str(job.release_dir))
+    if only_if_changed and (current := latest_release_with_inputs(job.registry, job.recipe.name, job.inputs_fingerprint)):
+        discard(job)
+        summary.tag, summary.up_to_date = current, True
+        return summary
     prefetch_gx()  # the ~4 s import overlaps generation
-    execution = release.execution_for(job.recipe, workers, dask_address)
 
-    timings: dict[str, float] = {}
     started = time.perf_counter()
-    results = generate_shards.with_options(task_runner=task_runner_for(execution))(job, execution)
-    run = pipeline.RunStats.of(results, time.perf_counter() - started)
-    timings["generate"] = run.seconds
+    results = generate_shards.with_options(task_runner=task_runner_for(job.execution))(job)
+    run = RunStats.of(results, time.perf_counter() - started)
+    summary.stage_seconds["generate"] = run.seconds
 
-    with _timed(timings, "stage"):
-        metrics = stage_release(job, results, run)
-    with _timed(timings, "validate"):
-        gate = validate_release(job, metrics)
+    with _timed(summary, "stage"):
+        staged = stage_release(job, results, run)
+    with _timed(summary, "validate"):
+        gate = validate_release(job, staged)
     if not gate.success:
-        raise release.GateFailedError(
+        raise GateFailedError(
             f"validation gate failed for {job.recipe.name}; nothing was published "
             f"(report: {job.stage_dir / 'validation' / 'index.html'})\n{gate.summary()}"
         )
-    summary: dict[str, Any] = {
-        "dataset": job.recipe.name,
-        "registry": str(job.registry.root),
-        "release_dir": str(job.release_dir),
-        "samples": metrics["samples"],
-        "rejected": metrics["rejected"],
-        "rejected_by": metrics["rejected_by"],
-        "retries": run.retries,
-        "shards_generated": run.shards_generated,
-        "shards_reused": run.shards_reused,
-        "samples_per_s": metrics["run"]["samples_per_s"],
-        "tag": None,
-    }
-    with _timed(timings, "publish" if publish else "materialize"):
+    metrics = staged.metrics
+    summary.samples, summary.rejected, summary.rejected_by = metrics["samples"], metrics["rejected"], metrics["rejected_by"]
+    summary.retries, summary.shards_generated, summary.shards_reused = run.retries, run.shards_generated, run.shards_reused
+    summary.samples_per_s = metrics["run"]["samples_per_s"]
+    with _timed(summary, "publish" if publish else "materialize"):
         if publish:
-            published = publish_release(job, metrics)
-            summary.update(tag=published.tag, commit=published.commit, push_retries=published.push_retries)
+            published = publish_release(job, staged)
+            summary.tag, summary.commit, summary.push_retries = published.tag, published.commit, published.push_retries
         else:
             materialize_release(job)
-    summary["stage_seconds"] = timings
     create_markdown_artifact(
         run_markdown(summary, run), key=_artifact_key(job),
-        description=f"{summary['tag'] or job.recipe.name + ' (not published)'}: what the run did",
+        description=f"{summary.tag or job.recipe.name + ' (not published)'}: what the run did",
     )
     create_link_artifact(
-        f"file://{job.release_dir / 'report' / 'index.html'}", link_text=f"{summary['tag'] or job.recipe.name} report",
+        f"file://{job.release_dir / 'report' / 'index.html'}", link_text=f"{summary.tag or job.recipe.name} report",
         key=f"{_artifact_key(job)}-report",
     )
     return summary
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+def _timed(summary: RunSummary, stage: str) -> Iterator[None]:
     started = time.perf_counter()
     yield
-    timings[stage] = round(time.perf_counter() - started, 3)
+    summary.stage_seconds[stage] = round(time.perf_counter() - started, 3)
 
 
 def run_release(
@@ -202,18 +205,19 @@ def run_release(
     seed: int | None = None,
     publish: bool = True,
     workers: int | None = None,
-    overrides: list[str] | None = None,
+    overrides: list[str] | tuple[str, ...] | None = None,
     dask_address: str | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Check the inputs, then run the flow (on the configured Prefect API, else a local
-    temporary one). Bad input fails here, before Prefect starts."""
-    recipe, _ = release.preflight(recipe_path, registry, samples, seed, publish, overrides or ())
-    release.execution_for(recipe, workers, dask_address)
-    with prefect_api():
-        return release_flow(
-            recipe_path=recipe_path, registry=registry, samples=samples, seed=seed, publish=publish,
-            overrides=overrides, workers=workers, dask_address=dask_address,
-        )
+    one). Bad input fails here, before Prefect starts."""
+    request = ReleaseRequest(recipe_path, registry, samples, seed, publish, tuple(overrides or ()), workers, dask_address)
+    job = prepare(request)
+    token = _PREPARED.set(job)
+    try:
+        with prefect_api():
+            return release_flow(**request.parameters())
+    finally:
+        _PREPARED.reset(token)
 
 
 @contextmanager

@@ -7,14 +7,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from synthfactory import settings
+
+if TYPE_CHECKING:
+    from synthfactory.release.summary import RunSummary
 
 settings.apply_offline_defaults()
 
@@ -29,7 +33,8 @@ EXIT_FAILED = 1
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print one error message (as is: no rich markup in it, so `[label='hexagon' …]` stays)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -54,43 +59,32 @@ def _existing_registry(path: Path | None):
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
 
 
-def _release(
-    recipe: Path,
-    registry: Path,
-    samples: int | None,
-    seed: int | None,
-    publish: bool,
-    workers: int | None,
-    overrides: list[str] | None = None,
-    dask_address: str | None = None,
-) -> dict:
+def _release(recipe: Path, registry: Path, **options: object) -> "RunSummary":
     """Run the release flow, turning failures into one clear message (bad input: exit 2)."""
     from flows.release import run_release
     from synthfactory.models import ModelError
     from synthfactory.recipe import RecipeError
     from synthfactory.registry import RegistryError
-    from synthfactory.release import GateFailedError, ShardFailedError
+    from synthfactory.release.build import ShardFailedError
+    from synthfactory.release.gate import GateFailedError
     from synthfactory.storage import StorageError
 
     try:
-        return run_release(
-            str(recipe), str(registry), samples=samples, seed=seed, publish=publish, workers=workers,
-            overrides=overrides, dask_address=dask_address,
-        )
+        return run_release(str(recipe), str(registry), **options)  # type: ignore[arg-type]
     except (RecipeError, ModelError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     except (StorageError, GateFailedError, ShardFailedError, RegistryError) as exc:
         raise _fail(str(exc)) from None
-    except Exception as exc:  # a shard that kept failing, a crashed worker: Prefect logged the traceback
+    except Exception as exc:  # a crashed worker, a bug: Prefect logged the traceback
         raise _fail(f"release of {recipe} failed: {type(exc).__name__}: {exc}") from None
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: "RunSummary") -> None:
     out.print(
-        f"[bold green]{summary['tag'] or 'staged (not published)'}[/]: {summary['samples']} samples, "
-        f"{summary['rejected']} rejected, {summary['retries']} shard retries, "
-        f"{summary['samples_per_s']} samples/s ({summary['shards_generated']} shards generated, "
-        f"{summary['shards_reused']} reused) -> {summary['release_dir']}",
+        f"[bold green]{escape(summary.tag or 'staged (not published)')}[/]: {summary.samples} samples, "
+        f"{summary.rejected} rejected, {summary.retries} shard retries, "
+        f"{summary.samples_per_s} samples/s ({summary.shards_generated} shards generated, "
+        f"{summary.shards_reused} reused) -> {escape(summary.release_dir)}",
         highlight=False,
     )
 
@@ -112,7 +106,8 @@ def run(
     ] = None,
 ) -> None:
     """Generate -> validate -> publish a release of RECIPE (a rerun resumes from finished shards)."""
-    summary = _release(recipe, registry or _default_registry(), samples, seed, publish, workers, overrides, dask_address)
+    summary = _release(recipe, registry or _default_registry(), samples=samples, seed=seed, publish=publish,
+                       workers=workers, overrides=overrides, dask_address=dask_address)
     _print_summary(summary)
 
 
@@ -120,7 +115,8 @@ def run(
 def validate(release_dir: Annotated[Path, typer.Argument(help="a release directory, e.g. data/shapes")]) -> None:
     """Re-check a release: shard bytes against the manifest hashes, then the GX gate."""
     from synthfactory.recipe import RecipeError, load_recipe
-    from synthfactory.release import gate_spec, verify_release
+    from synthfactory.release.gate import gate_spec
+    from synthfactory.release.verify import verify_release
     from synthfactory.validation import manifest_frame, validate_manifest
     import pyarrow.parquet as pq
 
@@ -132,7 +128,7 @@ def validate(release_dir: Annotated[Path, typer.Argument(help="a release directo
         raise _fail(f"{release_dir} has no manifest.parquet", EXIT_BAD_INPUT)
     checked, problems = verify_release(release_dir)
     for problem in problems[:20]:
-        console.print(f"[red]{problem}[/]", highlight=False)
+        console.print(f"[red]{escape(problem)}[/]", highlight=False)
     report_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-validation-"))
     gate = validate_manifest(manifest_frame(pq.read_table(release_dir / "manifest.parquet")), gate_spec(recipe), report_dir)
     out.print(f"{checked} samples re-hashed, {len(problems)} problems; gate: {len(gate.outcomes)} expectations, "
@@ -175,30 +171,26 @@ def pull(
     registry: Annotated[Optional[str], typer.Option(help="registry path or git URL (default: this git repo)")] = None,
 ) -> None:
     """Download a release with `dvc get` (no clone needed), using the configured S3 credentials."""
-    from synthfactory.registry import dvc_executable
+    from synthfactory.registry import RegistryError, dvc_get
     from synthfactory.storage import StorageError
+    from synthfactory.tags import ReleaseTag
 
-    dataset, _, version = release.partition("@v")
+    tag = ReleaseTag.parse(release)
+    dataset = tag.dataset if tag else release
     local = registry is None or Path(registry).exists()
     source = str(_existing_registry(Path(registry) if registry else None).root) if local else registry
-    if not version:
-        known = _existing_registry(Path(source)).releases(dataset) if local else []
+    if tag is None:
+        known = _existing_registry(Path(source)).release_tags(dataset) if local else []
         if not known:
             raise _fail(f"no releases of {dataset!r} in {source}; give DATASET@vN", EXIT_BAD_INPUT)
-        version = str(known[-1].version)
-    tag = f"{dataset}@v{version}"
+        tag = known[-1]
     target = to or Path(dataset)
     if target.exists():
         raise _fail(f"{target} already exists: choose another --to", EXIT_BAD_INPUT)
     try:
-        env = {**os.environ, **settings.resolve_storage().subprocess_env()}
-    except StorageError as exc:
+        dvc_get(source, f"data/{dataset}", str(tag), target, settings.resolve_storage())
+    except (StorageError, RegistryError) as exc:
         raise _fail(str(exc)) from None
-    proc = subprocess.run(
-        [dvc_executable(), "get", source, f"data/{dataset}", "--rev", tag, "-o", str(target)], env=env
-    )
-    if proc.returncode != 0:
-        raise _fail(f"dvc get of {tag} from {source} failed (exit {proc.returncode})")
     out.print(f"pulled {tag} into {target}")
 
 
@@ -214,8 +206,8 @@ def regenerate(
     """Release the recipes whose inputs (recipe, files it reads, plug-in code) changed since
     their latest release, then push commits and tags: what CI runs on a push to main."""
     from synthfactory.recipe import RecipeError
-    from synthfactory.regenerate import decide, recipe_paths
     from synthfactory.registry import RegistryError
+    from synthfactory.release.regenerate import decide, recipe_paths
 
     repo = _existing_registry(registry)
     try:
@@ -234,12 +226,12 @@ def regenerate(
     tags, failures = [], []
     for d in (d for d in decisions if d.stale):
         try:
-            summary = _release(d.recipe, repo.root, None, None, True, None)
+            summary = _release(d.recipe, repo.root)
         except typer.Exit:  # _release printed why; go on with the other recipes
             failures.append(d.dataset)
             continue
         _print_summary(summary)
-        tags.append(summary["tag"])
+        tags.append(summary.tag)
     if tags and push and remote in repo.remotes():
         try:
             repo.push(remote, tags)
@@ -285,7 +277,7 @@ def demo(
 
     import synthfactory
     from synthfactory.registry import dvc_executable
-    from synthfactory.release import verify_release
+    from synthfactory.release.verify import verify_release
     from synthfactory.s3server import daemon_config, start_daemon, stop_daemon
     from synthfactory.storage import StorageError
 
@@ -307,9 +299,9 @@ def demo(
         subprocess.run(["git", "clone", "--quiet", str(factory), str(registry)], check=True)
     check_dir = Path(tempfile.mkdtemp(prefix="synthfactory-pull-"))
     try:
-        summary = _release(recipe, registry, samples, None, True, None)
+        summary = _release(recipe, registry, samples=samples)
         _print_summary(summary)
-        tag, dataset = summary["tag"], summary["dataset"]
+        tag, dataset = summary.tag, summary.dataset
         env = {**os.environ, **settings.resolve_storage().subprocess_env()}
         subprocess.run(["git", "clone", "--quiet", "--branch", tag, str(registry), str(check_dir / "clone")], check=True, capture_output=True)
         subprocess.run([dvc_executable(), "pull", "--quiet"], cwd=check_dir / "clone", env=env, check=True)

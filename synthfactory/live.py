@@ -24,7 +24,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+
+from synthfactory.files import atomic_write_json
 
 STALE_AFTER_S = 120.0
 FEED_FILE = "feed.json"
@@ -38,13 +39,6 @@ def default_consumer() -> str:
 
 def live_dir(registry_root: Path, dataset: str) -> Path:
     return Path(registry_root) / ".synthfactory" / "live" / dataset
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -92,7 +86,8 @@ class FeedWriter:
         self._save()
 
     def _save(self) -> None:
-        _write_json_atomic(self.dir / FEED_FILE, asdict(self.feed))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / FEED_FILE, asdict(self.feed))
 
     def shard_ready(self, name: str, path: Path, samples: int) -> None:
         self.feed.shards.append(FeedShard(name, str(path), samples))
@@ -140,7 +135,8 @@ class FeedReader:
         `run_id=None` registers a reader waiting for the next run, which then starts
         no more shards than the reader's buffer allows."""
         path = live_dir(self.registry_root, self.dataset) / CONSUMERS_DIR / f"{self.consumer}.json"
-        _write_json_atomic(path, {"run_id": run_id, "consumed": consumed, "heartbeat": time.time()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"run_id": run_id, "consumed": consumed, "heartbeat": time.time()})
 
     def leave(self) -> None:
         (live_dir(self.registry_root, self.dataset) / CONSUMERS_DIR / f"{self.consumer}.json").unlink(missing_ok=True)

@@ -8,8 +8,6 @@ their defaults filled in, so the recipe saved with a release states every settin
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,9 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from synthfactory.checks import CHECKS
-from synthfactory.generators import GENERATORS, PluginSpec
+from synthfactory.generators import GENERATORS
 from synthfactory.generators.inputs import RECIPE_DIR
-from synthfactory.plugins import Registry, UnknownPluginError
+from synthfactory.plugins import PluginSpec, Registry, UnknownPluginError
 
 
 class RecipeError(ValueError):
@@ -98,11 +96,6 @@ class Recipe(_Strict):
     @property
     def shard_count(self) -> int:
         return -(-self.samples // self.shard_size)
-
-    def fingerprint(self) -> str:
-        """Content hash of the resolved recipe: same fingerprint, same release bytes."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
 
     def input_files(self) -> list[str]:
         """Files the recipe's plug-ins read, relative to the recipe (params `file` / `*_file`)."""

@@ -27,6 +27,7 @@ from filelock import FileLock
 
 from synthfactory.drills import crash_point
 from synthfactory.storage import StorageConfig
+from synthfactory.tags import ReleaseTag, first
 
 logger = logging.getLogger("synthfactory.registry")
 REMOTE_NAME = "storage"
@@ -61,6 +62,17 @@ def dvc_executable() -> str:
     """The dvc next to this interpreter, so a venv works without being activated."""
     candidate = Path(sys.executable).with_name("dvc")
     return str(candidate) if candidate.exists() else "dvc"
+
+
+def dvc_get(source: str, path: str, rev: str, out: Path, storage: StorageConfig | None) -> None:
+    """`dvc get SOURCE PATH --rev REV -o OUT` with `storage`'s S3 settings (none: DVC's
+    own, e.g. a public bucket); RegistryError with DVC's message if it fails."""
+    env = {**os.environ, **(storage.subprocess_env() if storage else {})}
+    argv = [dvc_executable(), "get", source, path, "--rev", rev, "-o", str(out)]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()
+        raise RegistryError(f"`dvc get {source} {path} --rev {rev}` failed:\n{detail}")
 
 
 class DataRegistry:
@@ -139,36 +151,34 @@ class DataRegistry:
 
     # -- releases --------------------------------------------------------------------
     def releases(self, dataset: str | None = None) -> list[Release]:
-        pattern = f"{dataset}@v*" if dataset else "*@v*"
         out = self.git(
-            "for-each-ref", f"refs/tags/{pattern}",
+            "for-each-ref", f"refs/tags/{dataset}@v*" if dataset else "refs/tags/*@v*",
             "--format=%(refname:short)%09%(*objectname)%(objectname)%09%(creatordate:iso-strict)",
         )
         releases = []
         for line in out.splitlines():
-            tag, commit, date = line.split("\t")
-            name, _, version = tag.rpartition("@v")
-            if not version.isdigit():
+            name, commit, date = line.split("\t")
+            tag = ReleaseTag.parse(name)
+            if tag is None or (dataset and tag.dataset != dataset):
                 continue
             try:
-                metrics = json.loads(self.git("show", f"{tag}:data/{name}/{METRICS_FILE}"))
+                metrics = json.loads(self.git("show", f"{tag}:data/{tag.dataset}/{METRICS_FILE}"))
             except (RegistryError, json.JSONDecodeError):
                 metrics = {}
-            releases.append(Release(name, int(version), tag, commit[:40], date, metrics))
+            releases.append(Release(tag.dataset, tag.version, str(tag), commit[:40], date, metrics))
         return sorted(releases, key=lambda r: (r.dataset, r.version))
 
-    def tags(self, dataset: str | None = None) -> list[str]:
+    def release_tags(self, dataset: str | None = None) -> list[ReleaseTag]:
         """Release tags in (dataset, version) order, without reading their metrics."""
-        found = []
-        for tag in self.git("tag", "--list", f"{dataset}@v*" if dataset else "*@v*").split():
-            name, _, version = tag.rpartition("@v")
-            if version.isdigit():
-                found.append((name, int(version), tag))
-        return [tag for *_, tag in sorted(found)]
+        found = (ReleaseTag.parse(name) for name in self.git("tag", "--list", f"{dataset or '*'}@v*").split())
+        return sorted(tag for tag in found if tag is not None and dataset in (None, tag.dataset))
+
+    def tags(self, dataset: str | None = None) -> list[str]:
+        return [str(tag) for tag in self.release_tags(dataset)]
 
     def latest_tag(self, dataset: str) -> str | None:
-        tags = self.tags(dataset)
-        return tags[-1] if tags else None
+        tags = self.release_tags(dataset)
+        return str(tags[-1]) if tags else None
 
     def tag_note(self, tag: str) -> dict[str, Any]:
         """The JSON summary a release wrote into its annotated tag ({} if none)."""
@@ -187,8 +197,8 @@ class DataRegistry:
         return self.git("remote").split()
 
     def next_tag(self, dataset: str) -> str:
-        latest = self.latest_tag(dataset)
-        return f"{dataset}@v{int(latest.rpartition('@v')[2]) + 1 if latest else 1}"
+        tags = self.release_tags(dataset)
+        return str(tags[-1].next() if tags else first(dataset))
 
     def sync_file(self, source: Path, relative: str) -> str:
         """Make the registry hold `source` at `relative` (recipe, generator code); return the path."""

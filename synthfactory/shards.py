@@ -2,27 +2,26 @@
 
 A shard is a tar of samples, each sample stored as members ``<key>.<ext>`` (``png``,
 ``json``, ``txt``), written in key order with fixed headers (mtime 0, uid 0, mode 0644)
-so the same samples give the same bytes. Shards are written to a temporary name, fsynced
-and renamed, so a reader never sees a half-written shard.
+so the same samples give the same bytes. Files are replaced atomically, so a reader never
+sees a half-written shard. This is the floor of the house: it knows samples and Arrow
+schemas, and nothing of plug-ins, recipes or orchestration.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
-from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from synthfactory.checks import Check
-from synthfactory.generators import Generator, Rejection, Sample
-from synthfactory.generators.base import derive_seed
+from synthfactory.files import atomic_write
+from synthfactory.samples import Rejection, Sample
 
 #: release sub-directories: accepted samples, and samples a check refused (kept for inspection)
 SHARDS_DIR, REJECTED_DIR = "shards", "rejected"
@@ -54,22 +53,12 @@ REJECTED_SCHEMA = pa.schema(
 )
 
 
-def manifest_schema(generator: Generator, checks: Iterable[Check] = ()) -> pa.Schema:
-    """Core columns, then the generator's, then each check's: fixed types, stable bytes."""
-    columns = {**CORE_COLUMNS, **generator.columns}
-    for check in checks:
-        columns.update(check.columns)
+def manifest_schema(*column_maps: Mapping[str, pa.DataType]) -> pa.Schema:
+    """Core columns, then each map's in order (generator, then checks): fixed types, stable bytes."""
+    columns = dict(CORE_COLUMNS)
+    for extra in column_maps:
+        columns.update(extra)
     return pa.schema(columns)
-
-
-def sample_key(index: int) -> str:
-    """WebDataset key: fixed width so lexical order is sample order; no dots allowed."""
-    return f"{index:010d}"
-
-
-def sample_seed(recipe_seed: int, index: int) -> int:
-    """Per-sample seed: a hash of (recipe seed, index), independent of sharding and workers."""
-    return derive_seed(recipe_seed, index)
 
 
 def shard_name(dataset: str, shard_index: int) -> str:
@@ -93,18 +82,6 @@ def plan_shards(dataset: str, samples: int, shard_size: int) -> list[ShardPlan]:
     ]
 
 
-def _atomic_write(path: Path, data: bytes | None = None, table: pa.Table | None = None) -> None:
-    """Write to a sibling temp file, fsync, rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if table is not None:
-        pq.write_table(table, tmp, compression="zstd")
-    else:
-        tmp.write_bytes(data or b"")
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def tar_bytes(members: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
     """(key, {ext: bytes}) pairs as a deterministic USTAR tar."""
     buffer = io.BytesIO()
@@ -118,13 +95,20 @@ def tar_bytes(members: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
     return buffer.getvalue()
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
 def write_shard(
     stage_dir: Path,
     name: str,
     fragments_dir: Path,
     samples: list[Sample],
     rejections: list[Rejection],
-    generator: Generator,
+    generator: str,
+    generator_version: str,
     schema: pa.Schema,
 ) -> None:
     """Write shards/<name> (and rejected/<name> for refused samples that have content),
@@ -143,8 +127,8 @@ def write_shard(
             "seed": sample.slot.seed,
             "group": sample.group or sample.slot.key,
             "caption": sample.caption,
-            "generator": generator.plugin_name,
-            "generator_version": generator.version,
+            "generator": generator,
+            "generator_version": generator_version,
             "payload": sample.payload,
             "sha256": hashlib.sha256(payload).hexdigest(),
             "bytes": sum(len(b) for b in sample.files.values()),
@@ -166,13 +150,13 @@ def write_shard(
         schema=REJECTED_SCHEMA,
     )
     fragments_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(fragment_path(fragments_dir, name, "manifest"), table=manifest)
-    _atomic_write(fragment_path(fragments_dir, name, "rejected"), table=rejected)
+    atomic_write(fragment_path(fragments_dir, name, "manifest"), parquet_bytes(manifest))
+    atomic_write(fragment_path(fragments_dir, name, "rejected"), parquet_bytes(rejected))
 
 
 def write_tar(path: Path, samples: list[Sample]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, tar_bytes((s.slot.key, s.files) for s in samples))
+    atomic_write(path, tar_bytes((s.slot.key, s.files) for s in samples))
 
 
 def set_aside(stage_dir: Path, name: str, keys: set[str]) -> None:
@@ -186,8 +170,8 @@ def set_aside(stage_dir: Path, name: str, keys: set[str]) -> None:
     if aside.exists():
         moved += list(read_shard(aside))
     aside.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(aside, tar_bytes(sorted(moved, key=lambda member: member[0])))
-    _atomic_write(shard, tar_bytes(kept))
+    atomic_write(aside, tar_bytes(sorted(moved, key=lambda member: member[0])))
+    atomic_write(shard, tar_bytes(kept))
 
 
 def fragment_path(fragments_dir: Path, shard: str, kind: str) -> Path:

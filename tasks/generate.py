@@ -12,9 +12,9 @@ from prefect import task
 from prefect.runtime import task_run
 
 from synthfactory.models import ModelError
-from synthfactory.pipeline import ShardResult, make_shard
 from synthfactory.recipe import Recipe
-from synthfactory.shard_cache import ShardCache
+from synthfactory.release.build import ShardResult, make_shard
+from synthfactory.release.shard_cache import ShardCache
 from synthfactory.shards import ShardPlan
 
 

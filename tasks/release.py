@@ -1,34 +1,36 @@
-"""Prefect tasks that turn generated shards into a release: thin wrappers over
-synthfactory.release. They run in the flow's process (called, not submitted)."""
+"""Prefect tasks that turn generated shards into a release: thin wrappers over the steps
+in synthfactory.release. They run in the flow's process (called, not submitted)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import task
 
-from synthfactory import pipeline, release, settings
+from synthfactory import settings
 from synthfactory.registry import Release
+from synthfactory.release import gate, publish, stage
+from synthfactory.release.build import ShardResult
+from synthfactory.release.job import ReleaseJob
+from synthfactory.release.summary import RunStats, Staged
 from synthfactory.validation import GateResult
 
 
 @task(name="stage-release")
-def stage_release(job: release.ReleaseJob, results: list[pipeline.ShardResult], run: pipeline.RunStats) -> dict[str, Any]:
-    return release.stage(job, results, run)
+def stage_release(job: ReleaseJob, results: list[ShardResult], run: RunStats) -> Staged:
+    return stage.stage(job, results, run)
 
 
 @task(name="validate-release")
-def validate_release(job: release.ReleaseJob, metrics: dict[str, Any]) -> GateResult:
-    return release.validate(job, metrics)
+def validate_release(job: ReleaseJob, staged: Staged) -> GateResult:
+    return gate.validate(job, staged)
 
 
 @task(name="materialize-release")
-def materialize_release(job: release.ReleaseJob) -> None:
-    release.materialize(job)
+def materialize_release(job: ReleaseJob) -> None:
+    publish.materialize(job)
 
 
 @task(name="publish-release")
-def publish_release(job: release.ReleaseJob, metrics: dict[str, Any]) -> Release:
+def publish_release(job: ReleaseJob, staged: Staged) -> Release:
     """Not retried as a whole (the push inside is); credentials are resolved here, not
     passed in, because task inputs must never hold secrets."""
-    return release.publish(job, settings.resolve_storage(), metrics)
+    return publish.publish(job, settings.resolve_storage(), staged.metrics)

@@ -8,12 +8,14 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from synthfactory.settings import apply_offline_defaults
 
 apply_offline_defaults()
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 from synthfactory.s3server import EmbeddedS3  # noqa: E402
 from synthfactory.storage import StorageConfig  # noqa: E402
@@ -67,3 +69,23 @@ def prefect() -> Iterator[None]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def shapes_recipe(name: str = "tiny", **fields: Any) -> dict[str, Any]:
+    """A small procedural-shapes recipe; `fields` replace its top-level fields."""
+    return {
+        "name": name,
+        "samples": 240,
+        "shard_size": 60,
+        "seed": 7,
+        "generator": {"kind": "procedural-shapes", "params": {"image_size": 32, "classes": ["circle", "square", "star"]}},
+        "validation": {"caption_length": {"min": 10, "max": 200}, "balance_tolerance": 0.15, "min_accept_rate": 0.9},
+        "execution": {"workers": 2, "retries": 2, "retry_backoff_s": 0.1},
+        **fields,
+    }
+
+
+def write_recipe(path: Path, **fields: Any) -> Path:
+    """Write `shapes_recipe` (named after the file unless `name` is given) to `path`."""
+    path.write_text(yaml.safe_dump(shapes_recipe(**{"name": path.stem, **fields}), sort_keys=False))
+    return path

@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from synthfactory.generators import GENERATORS, Rejection, Sample, SampleSlot
-from synthfactory.pipeline import build_shard, generator_for
+from synthfactory.release.build import build_shard
+from synthfactory.release.bundle import plugins_of
 from synthfactory.recipe import parse_recipe
-from synthfactory.shards import fragment_path, plan_shards, read_shard, sample_seed
+from synthfactory.samples import slot_for
+from synthfactory.shards import fragment_path, plan_shards, read_shard
 
 RECIPE = parse_recipe({
     "name": "unit",
@@ -23,11 +25,11 @@ RECIPE = parse_recipe({
 
 
 def slots(n: int, seed: int = 11) -> list[SampleSlot]:
-    return [SampleSlot(i, f"{i:010d}", sample_seed(seed, i)) for i in range(n)]
+    return [slot_for(seed, i) for i in range(n)]
 
 
 def test_generator_is_a_pure_function_of_params_and_seed():
-    generator = generator_for(RECIPE)
+    generator = plugins_of(RECIPE).generator
     first = list(generator.generate(slots(10)))
     again = list(GENERATORS.get("procedural-shapes")(generator.params).generate(slots(10)))
     assert [s.files for s in first] == [s.files for s in again]
@@ -36,7 +38,7 @@ def test_generator_is_a_pure_function_of_params_and_seed():
 
 
 def test_samples_carry_consistent_ground_truth():
-    for sample in generator_for(RECIPE).generate(slots(30)):
+    for sample in plugins_of(RECIPE).generator.generate(slots(30)):
         assert isinstance(sample, Sample)
         image = Image.open(io.BytesIO(sample.files["png"]))
         assert image.size == (48, 48)
@@ -55,7 +57,7 @@ def test_impossible_placement_is_rejected_with_a_reason():
         "generator": {"kind": "procedural-shapes", "params": {"max_objects": 8, "max_overlap": 0.0, "placement_attempts": 1}},
         "samples": 40,
     })
-    results = list(generator_for(crowded).generate(slots(40)))
+    results = list(plugins_of(crowded).generator.generate(slots(40)))
     rejections = [r for r in results if isinstance(r, Rejection)]
     assert rejections, "eight objects with zero overlap in one attempt each should fail sometimes"
     assert all("could not place object" in r.reason for r in rejections)

@@ -66,6 +66,6 @@ def test_a_slow_reader_holds_the_run_to_its_buffer(tmp_path, prefect):
     assert not errors, errors
     assert not thread.is_alive()
     assert sorted(name for name, _ in seen) == [f"live-{i:06d}.tar" for i in range(8)]
-    assert sum(samples for _, samples in seen) == summary["samples"]  # no dataset check refused any
+    assert sum(samples for _, samples in seen) == summary.samples  # no dataset check refused any
     assert max(worst_lag) <= MAX_UNREAD
     assert reader.feed().state == "finished"

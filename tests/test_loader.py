@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader
 from synthfactory.generators import Sample, SampleSlot
 from synthfactory.generators.procedural import ShapesGenerator
 from synthfactory.live import CONSUMERS_DIR, FeedWriter, live_dir
-from synthfactory.loader import LoaderError, ShardCache, consumer_index, consumer_share, iter_samples, load
-from synthfactory.shards import plan_shards, sample_key, sample_seed, tar_bytes, write_tar
+from synthfactory.loader import DiskCache, LoaderError, consumer_index, consumer_share, iter_samples, load
+from synthfactory.samples import slot_for
+from synthfactory.shards import plan_shards, tar_bytes, write_tar
 from synthfactory.storage import StorageConfig
 
 CLASSES = ["circle", "square", "star"]
@@ -76,7 +77,7 @@ def published(s3: StorageConfig, prefect: None, tmp_path_factory: pytest.TempPat
             execution={"workers": 1, "retries": 0},
         )
         summary = run_release(str(recipe), str(root / "registry"))
-        assert summary["tag"] == "loadme@v1"
+        assert summary.tag == "loadme@v1"
         subprocess.run(["git", "clone", "--quiet", str(root / "registry"), str(root / "clone")], check=True)
         release_dir = root / "registry" / "data" / "loadme"
         manifest = pq.read_table(release_dir / "manifest.parquet", columns=["key", "shard"]).to_pylist()
@@ -249,7 +250,7 @@ def test_cache_never_exceeds_its_bound_and_evicts_least_recently_read(published:
 
 
 def test_cache_reservations_count_and_dead_writers_are_reclaimed(tmp_path: Path) -> None:
-    cache = ShardCache(tmp_path, max_bytes=100)
+    cache = DiskCache(tmp_path, max_bytes=100)
     first = cache.reserve("a", 60)
     assert first is not None and cache.used_bytes() == 60  # reserved before any byte is written
     assert cache.reserve("b", 60) is None  # a live writer is never evicted
@@ -287,7 +288,7 @@ def test_webdataset_and_hf_datasets_see_the_manifest_keys(published: Published, 
 
 def shape_samples(start: int, stop: int) -> list[Sample]:
     generator = ShapesGenerator.from_params({"image_size": 16, "classes": CLASSES})
-    return [s for s in generator.generate([SampleSlot(i, sample_key(i), sample_seed(3, i)) for i in range(start, stop)]) if isinstance(s, Sample)]
+    return [s for s in generator.generate([slot_for(3, i) for i in range(start, stop)]) if isinstance(s, Sample)]
 
 
 class Producer(threading.Thread):

@@ -16,9 +16,11 @@ from PIL import Image
 
 from synthfactory import models, tinymodels
 from synthfactory.generators import Rejection, Sample, SampleSlot
-from synthfactory.pipeline import build_shard, generator_for
+from synthfactory.release.build import build_shard
+from synthfactory.release.bundle import plugins_of
 from synthfactory.recipe import RecipeError, load_recipe
-from synthfactory.shards import plan_shards, read_shard, sample_key, sample_seed
+from synthfactory.samples import slot_for
+from synthfactory.shards import plan_shards, read_shard
 
 REPO = Path(__file__).resolve().parent.parent
 SYNCLR = REPO / "recipes" / "synclr.yaml"
@@ -61,14 +63,14 @@ def synclr_overrides(tiny: dict[str, Path], min_score: float = 0.0) -> list[str]
 
 
 def slots(recipe, count: int) -> list[SampleSlot]:
-    return [SampleSlot(i, sample_key(i), sample_seed(recipe.seed, i)) for i in range(count)]
+    return [slot_for(recipe.seed, i) for i in range(count)]
 
 
 def test_captions_follow_the_synclr_scheme_and_do_not_depend_on_the_batch(tiny):
     def captions(batch_size: int) -> list[Sample | Rejection]:
         recipe = load_recipe(SYNCLR, overrides=[
             *synclr_overrides(tiny), f"generator.params.captions.params.batch_size={batch_size}"])
-        return list(generator_for(recipe).captions.generate(slots(recipe, 12)))
+        return list(plugins_of(recipe).generator.captions.generate(slots(recipe, 12)))
 
     batched, alone = captions(6), captions(1)
     assert [getattr(x, "caption", x) for x in batched] == [getattr(x, "caption", x) for x in alone]
@@ -88,7 +90,7 @@ def test_captions_follow_the_synclr_scheme_and_do_not_depend_on_the_batch(tiny):
 
 def test_prompt_holds_three_examples_then_the_query(tiny):
     recipe = load_recipe(SYNCLR, overrides=synclr_overrides(tiny))
-    llm = generator_for(recipe).captions
+    llm = plugins_of(recipe).generator.captions
     prompt = llm.prompt(slots(recipe, 1)[0])
     lines = prompt.text.split("\n")
     assert len(lines) == 4 and all(" --> " in line for line in lines[:3])
@@ -97,7 +99,7 @@ def test_prompt_holds_three_examples_then_the_query(tiny):
 
 def test_concept_sources_are_sampled_by_weight(tiny):
     recipe = load_recipe(SYNCLR, overrides=synclr_overrides(tiny))
-    llm = generator_for(recipe).captions
+    llm = plugins_of(recipe).generator.captions
     drawn = [llm.prompt(slot).source for slot in slots(recipe, 4000)]
     share = drawn.count("imagenet-1k") / len(drawn)
     assert 0.43 < share < 0.51, share  # 0.47 ± ~5 sigma
@@ -139,12 +141,12 @@ def test_shard_is_byte_identical_on_rerun_and_groups_k_images_per_caption(tiny, 
 @pytest.mark.slow
 def test_synclr_recipe_releases_end_to_end(tiny, tmp_path, storage_env, prefect):
     from flows.release import run_release
-    from synthfactory.release import verify_release
+    from synthfactory.release.verify import verify_release
 
     registry = tmp_path / "registry"
     summary = run_release(str(SYNCLR), str(registry), samples=6, overrides=synclr_overrides(tiny, min_score=1.0))
 
-    assert summary["tag"] == "synclr@v1"
+    assert summary.tag == "synclr@v1"
     release = registry / "data" / "synclr"
     manifest = pq.read_table(release / "manifest.parquet").to_pandas()
     assert set(PROVENANCE) <= set(manifest.columns)
@@ -155,7 +157,7 @@ def test_synclr_recipe_releases_end_to_end(tiny, tmp_path, storage_env, prefect)
     checked, problems = verify_release(release)
     assert problems == [] and checked == len(manifest)
     rejected = pq.read_table(release / "rejected.parquet").to_pandas()
-    assert summary["rejected"] == len(rejected)
+    assert summary.rejected == len(rejected)
     # the recipe's concept lists travel with the release so `dvc repro` can rerun it
     assert (registry / "recipes" / "synclr" / "imagenet1k.txt").exists()
     dvc_yaml = (registry / "dvc.yaml").read_text()
@@ -179,21 +181,21 @@ def test_text_only_recipe_runs_alone(tiny, tmp_path, prefect):
                  "checks.1.params.max_duplicate_rate=1.0"]
     summary = run_release(str(INSTRUCTIONS), str(tmp_path / "registry"), samples=16, publish=False, overrides=overrides)
     manifest = pq.read_table(tmp_path / "registry" / "data" / "instructions" / "manifest.parquet").to_pandas()
-    assert summary["samples"] == len(manifest) > 0
+    assert summary.samples == len(manifest) > 0
     assert set(manifest["template"]) <= {"question", "task"}
     assert "image_model" not in manifest.columns and (manifest["payload"] == "txt").all()
 
 
 def test_missing_weights_fail_before_any_work_naming_the_model(tmp_path, tiny, monkeypatch):
-    from synthfactory.release import preflight
+    from synthfactory.release.job import ReleaseRequest, prepare
 
     missing = tmp_path / "no-such-model"
+    overrides = (f"generator.params.captions.params.model={tiny['llm']}", f"generator.params.model={missing}")
     with pytest.raises(models.ModelError, match=f"image model '{missing}': no such directory"):
-        preflight(SYNCLR, tmp_path / "registry", None, None, False,
-                  [f"generator.params.captions.params.model={tiny['llm']}", f"generator.params.model={missing}"])
+        prepare(ReleaseRequest(str(SYNCLR), str(tmp_path / "registry"), publish=False, overrides=overrides))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub ids of the published recipe, none of them cached here
     with pytest.raises(models.ModelError) as caught:
-        preflight(SYNCLR, tmp_path / "registry", None, None, False)
+        prepare(ReleaseRequest(str(SYNCLR), str(tmp_path / "registry"), publish=False))
     message = str(caught.value)
     assert "'meta-llama/Llama-2-7b-hf'" in message and "not in the Hugging Face cache" in message
     assert "hf download meta-llama/Llama-2-7b-hf" in message
@@ -220,7 +222,7 @@ def test_unloadable_weights_fail_the_shard_once_with_the_model_named(tiny, tmp_p
     import shutil
 
     from flows.release import run_release
-    from synthfactory.release import ShardFailedError
+    from synthfactory.release.build import ShardFailedError
 
     broken = tmp_path / "sd-without-unet-weights"
     shutil.copytree(tiny["sd"], broken)
@@ -289,7 +291,7 @@ def test_clip_score_needs_a_generator_that_makes_images():
 def test_recipe_scheduler_replaces_the_models_own(tiny):
     recipe = load_recipe(SYNCLR, overrides=[
         *synclr_overrides(tiny), "generator.params.scheduler=EulerAncestralDiscreteScheduler"])
-    images = generator_for(recipe)
+    images = plugins_of(recipe).generator
     caption = Sample(slots(recipe, 1)[0], "a red bicycle", {"txt": b"a red bicycle"}, "txt")
     first, second = list(images.draw([caption])), list(images.draw([caption]))
     assert {s.columns["scheduler"] for s in first} == {"EulerAncestralDiscreteScheduler"}

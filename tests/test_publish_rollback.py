@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import synthfactory.release
+import synthfactory.release.gate
 from flows.release import run_release
 from synthfactory.registry import RegistryError
 from synthfactory.s3server import EmbeddedS3
@@ -59,21 +59,21 @@ def test_failed_push_rolls_back_exactly_and_a_rerun_publishes(tmp_path, prefect,
         "validation": {"balance_tolerance": None},
         "execution": {"workers": 2, "retries": 1, "retry_backoff_s": 0.1},
     }))
-    assert run_release(str(recipe), str(registry))["tag"] == "tiny@v1"
+    assert run_release(str(recipe), str(registry)).tag == "tiny@v1"
     edited = registry / "synthfactory" / "shards.py"
     edited.write_text(edited.read_text() + "\n# work in progress\n")
     (registry / "notes.txt").write_text("mine")
     status, head, v1_data = git(registry, "status", "--porcelain"), git(registry, "rev-parse", "HEAD"), tree(registry / "data" / "tiny")
     dirty_code = edited.read_bytes()
 
-    validate = synthfactory.release.validate
+    validate = synthfactory.release.gate.validate
 
     def validate_then_lose_s3(*args, **kwargs):
         result = validate(*args, **kwargs)
         server.stop()
         return result
 
-    monkeypatch.setattr(synthfactory.release, "validate", validate_then_lose_s3)
+    monkeypatch.setattr(synthfactory.release.gate, "validate", validate_then_lose_s3)
     with pytest.raises(RegistryError, match="dvc push tiny"):
         run_release(str(recipe), str(registry), seed=2)
 
@@ -83,11 +83,11 @@ def test_failed_push_rolls_back_exactly_and_a_rerun_publishes(tmp_path, prefect,
     assert edited.read_bytes() == dirty_code
     assert tree(registry / "data" / "tiny") == v1_data
 
-    monkeypatch.setattr(synthfactory.release, "validate", validate)
+    monkeypatch.setattr(synthfactory.release.gate, "validate", validate)
     restarted.start()  # same port, keys and data: the committed endpoint works again
     second = run_release(str(recipe), str(registry), seed=2)
-    assert second["tag"] == "tiny@v2"
-    assert (second["shards_generated"], second["shards_reused"]) == (0, 2)  # the failed run's shards
+    assert second.tag == "tiny@v2"
+    assert (second.shards_generated, second.shards_reused) == (0, 2)  # the failed run's shards
     assert tree(registry / "data" / "tiny") != v1_data
     assert "seed: 2" in git(registry, "show", "tiny@v2:data/tiny/recipe.yaml")
 
@@ -99,11 +99,11 @@ def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monke
     import threading
 
     from synthfactory.registry import dvc_executable
-    from synthfactory.release import verify_release
+    from synthfactory.release.verify import verify_release
 
     server, restarted = own_s3
     outage: list[threading.Thread] = []
-    validate = synthfactory.release.validate
+    validate = synthfactory.release.gate.validate
 
     def validate_then_lose_s3_briefly(*args, **kwargs):
         result = validate(*args, **kwargs)
@@ -112,7 +112,7 @@ def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monke
         outage[0].start()
         return result
 
-    monkeypatch.setattr(synthfactory.release, "validate", validate_then_lose_s3_briefly)
+    monkeypatch.setattr(synthfactory.release.gate, "validate", validate_then_lose_s3_briefly)
     try:
         recipe = tmp_path / "tiny.yaml"
         recipe.write_text(yaml.safe_dump({
@@ -123,14 +123,14 @@ def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monke
         }))
         summary = run_release(str(recipe), str(tmp_path / "registry"))
         assert outage and not outage[0].is_alive()  # the outage really happened, and ended
-        assert summary["tag"] == "tiny@v1"
-        assert summary["push_retries"] >= 1
+        assert summary.tag == "tiny@v1"
+        assert summary.push_retries >= 1
 
         clone = tmp_path / "clone"
         git(tmp_path, "clone", "--quiet", "--branch", "tiny@v1", str(tmp_path / "registry"), str(clone))
         subprocess.run([dvc_executable(), "pull", "--quiet"], cwd=clone, check=True,
                        env={**os.environ, **restarted.config.subprocess_env()})
-        assert verify_release(clone / "data" / "tiny") == (summary["samples"], [])
+        assert verify_release(clone / "data" / "tiny") == (summary.samples, [])
     finally:
         for timer in outage:
             timer.join()

@@ -19,7 +19,7 @@ from PIL import Image
 from synthfactory.checks import CHECKS, DatasetView, PreviousRelease
 from synthfactory.generators import Sample, SampleSlot
 from synthfactory.registry import DataRegistry, dvc_executable
-from synthfactory.release import GateFailedError
+from synthfactory.release.gate import GateFailedError
 
 SUBJECTS = ["a fox", "an old lighthouse", "a red bicycle", "two herons", "a glass teapot", "a snow leopard",
             "a paper lantern", "a tugboat", "a cactus", "a violin", "a stone bridge", "a hot-air balloon"]
@@ -172,7 +172,7 @@ def test_pii_is_rejected_counted_by_pattern_and_reported(tmp_path, prefect):
         texts[18]: "pii: credit_card",
         texts[19]: "pii: email, ipv4",
     }
-    assert summary["samples"] == 16
+    assert summary.samples == 16
     metrics = json.loads((release / "metrics.json").read_text())
     assert metrics["rejected_by"] == {"pii": 4}
     report = (release / "report" / "index.html").read_text()
@@ -214,7 +214,7 @@ def test_collapse_guard_blocks_a_collapsed_release_and_dvc_metrics_diff_shows_th
               {"kind": "diversity", "params": {"max_drop": 0.1}}]
     recipe = tmp_path / "notes.yaml"
     write_recipe(recipe, varied_texts(120, seed=1), 120, checks)
-    assert run_release(str(recipe), str(registry))["tag"] == "notes@v1"
+    assert run_release(str(recipe), str(registry)).tag == "notes@v1"
 
     collapsed = ["a fox at dawn", "a fox in the rain", "a red fox at dawn"]
     write_recipe(recipe, collapsed, 120, [{"kind": "diversity", "params": {"max_drop": 0.1}}],
@@ -226,7 +226,7 @@ def test_collapse_guard_blocks_a_collapsed_release_and_dvc_metrics_diff_shows_th
     assert [r.tag for r in DataRegistry.existing(registry).releases()] == ["notes@v1"]  # nothing published
 
     write_recipe(recipe, varied_texts(120, seed=2), 120, checks)
-    assert run_release(str(recipe), str(registry))["tag"] == "notes@v2"  # a healthy second release passes
+    assert run_release(str(recipe), str(registry)).tag == "notes@v2"  # a healthy second release passes
     report = (registry / "data" / "notes" / "report" / "index.html").read_text()
     assert "compared with notes@v1" in report
 
@@ -265,7 +265,7 @@ def test_cross_release_dedup_in_a_fresh_clone_reads_the_previous_manifest_from_s
     first, second = UNRELATED[:4], [*UNRELATED[4:], UNRELATED[1]]
     registry = tmp_path / "registry"
     write_recipe(tmp_path / "notes.yaml", first, 4, checks)
-    assert run_release(str(tmp_path / "notes.yaml"), str(registry))["tag"] == "notes@v1"
+    assert run_release(str(tmp_path / "notes.yaml"), str(registry)).tag == "notes@v1"
 
     clone = tmp_path / "clone"  # as CI sees it: git only, no data/ and no DVC cache
     subprocess.run(["git", "clone", "--quiet", str(registry), str(clone)], check=True)
@@ -273,7 +273,7 @@ def test_cross_release_dedup_in_a_fresh_clone_reads_the_previous_manifest_from_s
     write_recipe(clone / "recipes" / "notes.yaml", second, 5, checks)
     summary = run_release(str(clone / "recipes" / "notes.yaml"), str(clone))
 
-    assert summary["tag"] == "notes@v2" and summary["samples"] == 4
+    assert summary.tag == "notes@v2" and summary.samples == 4
     rejected = pq.read_table(clone / "data" / "notes" / "rejected.parquet").to_pylist()
     assert [(r["caption"], r["reason"]) for r in rejected] == [
         (UNRELATED[1], "exact duplicate of notes@v1 sample 0000000001")]

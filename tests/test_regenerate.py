@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from synthfactory.cli import app
 from synthfactory.registry import DataRegistry
-from synthfactory.regenerate import decide, recipe_paths
+from synthfactory.release.regenerate import decide, recipe_paths
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +99,6 @@ def test_only_the_changed_recipe_is_released_and_pushed(factory, storage_env, pr
     from flows.release import release_flow
 
     skipped = release_flow(recipe_path=str(repo / "recipes" / "alpha.yaml"), registry=str(repo), only_if_changed=True)
-    assert skipped == {"dataset": "alpha", "tag": "alpha@v1", "up_to_date": True}
+    assert (skipped.dataset, skipped.tag, skipped.up_to_date) == ("alpha", "alpha@v1", True)
     assert tags(repo) == ["alpha@v1", "beta@v1", "beta@v2", "gamma@v1", "gamma@v2"]
     assert not list((repo / ".synthfactory" / "work").iterdir())

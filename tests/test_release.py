@@ -12,7 +12,9 @@ import yaml
 
 from flows.release import run_release
 from synthfactory.registry import DataRegistry, dvc_executable
-from synthfactory.release import GateFailedError, ShardFailedError, verify_release
+from synthfactory.release.build import ShardFailedError
+from synthfactory.release.gate import GateFailedError
+from synthfactory.release.verify import verify_release
 from synthfactory.storage import StorageConfig, StorageError, minio_client
 
 pytestmark = pytest.mark.slow
@@ -49,14 +51,15 @@ def test_release_round_trip_through_s3(tmp_path, storage_env, prefect):
 
     summary = run_release(str(recipe), str(registry))
 
-    assert summary["tag"] == "tiny@v1"
-    assert summary["samples"] + summary["rejected"] == 240
+    assert summary.tag == "tiny@v1"
+    assert summary.samples + summary.rejected == 240
     release_dir = registry / "data" / "tiny"
     assert (release_dir / "validation" / "index.html").exists()
-    assert "recipe fingerprint" in (release_dir / "README.md").read_text().lower()
+    assert "inputs fingerprint" in (release_dir / "README.md").read_text().lower()
     lock = yaml.safe_load((registry / "dvc.lock").read_text())
     deps = {d["path"] for d in lock["stages"]["tiny"]["deps"]}
-    assert {"recipes/tiny.yaml", "synthfactory/generators/procedural.py", "synthfactory/shards.py"} <= deps
+    assert {"recipes/tiny.yaml", "synthfactory/generators/procedural.py", "synthfactory/shards.py",
+            "synthfactory/samples.py", "synthfactory/release/build.py"} <= deps
     assert all(d.get("md5") for d in lock["stages"]["tiny"]["deps"])
     assert git(registry, "status", "--porcelain") == ""
     assert bucket_objects(storage_env), "dvc push put nothing in S3"
@@ -67,7 +70,7 @@ def test_release_round_trip_through_s3(tmp_path, storage_env, prefect):
     subprocess.run([dvc_executable(), "pull", "--quiet"], cwd=clone, env={**os.environ, **storage_env.subprocess_env()}, check=True)
     checked, problems = verify_release(clone / "data" / "tiny")
     assert problems == []
-    assert checked == summary["samples"] == pq.read_metadata(clone / "data" / "tiny" / "manifest.parquet").num_rows
+    assert checked == summary.samples == pq.read_metadata(clone / "data" / "tiny" / "manifest.parquet").num_rows
 
     # dvc get --rev works without a clone.
     got = tmp_path / "got"
@@ -89,10 +92,10 @@ def test_release_round_trip_through_s3(tmp_path, storage_env, prefect):
 
     # A second release of the same dataset gets the next version; both are listed.
     second = run_release(str(recipe), str(registry), seed=8)
-    assert second["tag"] == "tiny@v2"
+    assert second.tag == "tiny@v2"
     listed = DataRegistry(registry).releases("tiny")
     assert [r.tag for r in listed] == ["tiny@v1", "tiny@v2"]
-    assert listed[0].metrics["samples"] == summary["samples"]
+    assert listed[0].metrics["samples"] == summary.samples
 
 
 def test_same_recipe_gives_the_same_bytes(tmp_path, prefect):
@@ -101,7 +104,7 @@ def test_same_recipe_gives_the_same_bytes(tmp_path, prefect):
     outputs = []
     for run, workers in (("a", 1), ("b", 2)):
         summary = run_release(str(recipe), str(tmp_path / run), publish=False, workers=workers)
-        release_dir = Path(summary["release_dir"])
+        release_dir = Path(summary.release_dir)
         outputs.append({p.relative_to(release_dir).as_posix(): p.read_bytes()
                         for p in sorted(release_dir.rglob("*")) if p.is_file() and p.suffix in {".tar", ".parquet"}})
     assert outputs[0] == outputs[1]
@@ -148,10 +151,10 @@ def test_failing_shards_are_retried_and_the_release_is_complete(tmp_path, storag
     recipe = write_recipe(tmp_path / "tiny.yaml", faults={"fail_attempts": 2})
     summary = run_release(str(recipe), str(tmp_path / "registry"))
 
-    assert summary["tag"] == "tiny@v1"
-    assert summary["retries"] == 4 * 2  # every shard failed twice, then succeeded
-    checked, problems = verify_release(Path(summary["release_dir"]))
-    assert problems == [] and checked == summary["samples"]
+    assert summary.tag == "tiny@v1"
+    assert summary.retries == 4 * 2  # every shard failed twice, then succeeded
+    checked, problems = verify_release(Path(summary.release_dir))
+    assert problems == [] and checked == summary.samples
 
 
 def test_shard_failing_beyond_its_retries_names_the_shard(tmp_path, prefect):

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from synthfactory.pipeline import injected_fault, make_shard
+from synthfactory.release.build import injected_fault, make_shard
 from synthfactory.recipe import load_recipe
 from synthfactory.registry import dvc_executable
-from synthfactory.release import verify_release
-from synthfactory.shard_cache import ShardCache, shard_key
+from synthfactory.release.verify import verify_release
+from synthfactory.release.fingerprint import shard_keys
+from synthfactory.release.shard_cache import ShardCache
 from synthfactory.shards import plan_shards
 from synthfactory.storage import minio_client
 
@@ -64,18 +65,18 @@ def test_shard_keys_ignore_sample_count_and_execution_but_not_content(tmp_path):
     more = recipe.model_copy(update={"samples": 1650, "execution": recipe.execution.model_copy(update={"workers": 8})})
     plans, more_plans = plan_shards("kills", 1600, 100), plan_shards("kills", 1650, 100)
 
-    assert [shard_key(recipe, "c1", p) for p in plans] == [shard_key(more, "c1", p) for p in more_plans[:16]]
-    assert shard_key(recipe, "c1", plans[0]) != shard_key(recipe, "c2", plans[0])  # code changed
+    assert shard_keys(recipe, "c1", plans) == shard_keys(more, "c1", more_plans[:16])
+    assert shard_keys(recipe, "c1", plans[:1]) != shard_keys(recipe, "c2", plans[:1])  # code changed
     reseeded = recipe.model_copy(update={"seed": 12})
-    assert shard_key(recipe, "c1", plans[0]) != shard_key(reseeded, "c1", plans[0])
-    assert shard_key(recipe, "c1", plans[0]) != shard_key(recipe, "c1", plans[1])
+    assert shard_keys(recipe, "c1", plans[:1]) != shard_keys(reseeded, "c1", plans[:1])
+    assert shard_keys(recipe, "c1", plans[:1]) != shard_keys(recipe, "c1", plans[1:2])
 
 
 def test_a_finished_shard_is_reused_and_a_damaged_one_regenerated(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", samples=200))
     cache = ShardCache(tmp_path / "cache")
     plan = plan_shards("kills", 200, 100)[1]
-    key = shard_key(recipe, "c1", plan)
+    (key,) = shard_keys(recipe, "c1", [plan])
 
     first = make_shard(recipe, plan, cache, key)
     tar = cache.entry(key) / "shards" / plan.name

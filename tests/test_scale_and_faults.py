@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from flows.release import run_release
-from synthfactory.pipeline import injected_fault
+from synthfactory.release.build import injected_fault
 from synthfactory.recipe import Faults
-from synthfactory.release import verify_release
+from synthfactory.release.verify import verify_release
 
 pytestmark = pytest.mark.slow
 
@@ -47,25 +47,25 @@ def test_an_existing_dask_cluster_runs_the_shards_with_one_plugin_per_worker(tmp
         with Client(cluster) as client:
             loads = client.run(_plugin_cache_misses)
 
-    assert data_files(Path(on_dask["release_dir"])) == data_files(Path(local["release_dir"]))
-    metrics = json.loads((Path(on_dask["release_dir"]) / "metrics.json").read_text())
+    assert data_files(Path(on_dask.release_dir)) == data_files(Path(local.release_dir))
+    metrics = json.loads((Path(on_dask.release_dir) / "metrics.json").read_text())
     assert metrics["run"]["worker_processes"] == 2  # both Dask workers ran shards
     # each worker built each plug-in (generator + nothing else here) once, whatever its shard count
     assert sorted(loads.values()) == [1, 1]
 
 
 def _plugin_cache_misses() -> int:
-    from synthfactory import pipeline
+    from synthfactory.release import bundle
 
-    return pipeline._cached_plugin.cache_info().misses
+    return bundle._bundle.cache_info().misses
 
 
 def test_a_local_dask_cluster_from_the_recipe(tmp_path, prefect):
     recipe = write_recipe(tmp_path / "scale.yaml", samples=200)
     summary = run_release(str(recipe), str(tmp_path / "registry"), publish=False,
                           overrides=["execution.runner=dask"])
-    assert summary["samples"] + summary["rejected"] == 200
-    assert verify_release(Path(summary["release_dir"]))[1] == []
+    assert summary.samples + summary.rejected == 200
+    assert verify_release(Path(summary.release_dir))[1] == []
 
 
 def expected_retries(faults: Faults, seed: int, shards: int) -> int:
@@ -90,11 +90,11 @@ def test_transient_faults_are_retried_lose_nothing_and_are_reported(tmp_path, st
 
     summary = run_release(str(recipe), str(tmp_path / "registry"))
 
-    assert summary["tag"] == "scale@v1"
-    assert summary["retries"] == expected
-    assert summary["samples"] + summary["rejected"] == 400
-    assert verify_release(Path(summary["release_dir"])) == (summary["samples"], [])
-    metrics = json.loads((Path(summary["release_dir"]) / "metrics.json").read_text())
+    assert summary.tag == "scale@v1"
+    assert summary.retries == expected
+    assert summary.samples + summary.rejected == 400
+    assert verify_release(Path(summary.release_dir)) == (summary.samples, [])
+    metrics = json.loads((Path(summary.release_dir) / "metrics.json").read_text())
     assert metrics["run"]["retries"] == expected
     assert metrics["run"]["shards_generated"] == 8
 

@@ -42,6 +42,7 @@ def _values(column: list[Any]) -> list[Any]:
 class Balance(DatasetCheck):
     Params = BalanceParams
     version = "1"
+    code = ("synthfactory.quality.diversity",)
     params: BalanceParams
 
     def evaluate(self, data: DatasetView, previous: PreviousRelease | None) -> Findings:

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from synthfactory.generators.base import Sample
 from synthfactory.plugins import Registry
+from synthfactory.samples import Sample
+from synthfactory.shards import SHARDS_DIR, read_shard
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,6 +56,9 @@ class Check(ABC):
     plugin_name: ClassVar[str]
     #: bump when the verdicts for the same params change
     version: ClassVar[str]
+    #: modules besides the plug-in's own whose code shapes its verdicts; hashed into every
+    #: shard's cache key, the release's dvc.yaml deps and its inputs fingerprint
+    code: ClassVar[tuple[str, ...]] = ()
     #: manifest columns the check adds, with their Arrow types
     columns: ClassVar[dict[str, pa.DataType]] = {}
     #: True when the check reads the sample's image (a recipe without images is an error)
@@ -97,8 +101,6 @@ class DatasetView:
 
     def payloads(self, keys: Sequence[str]) -> dict[str, bytes]:
         """The payload bytes of `keys`, read from their shards (one pass per shard)."""
-        from synthfactory.shards import SHARDS_DIR, read_shard
-
         if self.root is None:
             return {}
         wanted = set(keys)

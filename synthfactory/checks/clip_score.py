@@ -18,7 +18,7 @@ from pydantic import Field
 
 from synthfactory import models
 from synthfactory.checks.base import CHECKS, CheckParams, SampleCheck, Verdict
-from synthfactory.generators.base import Sample
+from synthfactory.samples import Sample
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,6 +61,7 @@ def image_embeddings(model: models.ResolvedModel, device: str, dtype: str, image
 class ClipScore(models.UsesModel, SampleCheck):
     Params = ClipScoreParams
     version = "1"
+    code = ("synthfactory.models",)
     columns = {"clip_score": pa.float32(), "clip_model": pa.string(), "clip_model_revision": pa.string()}
     needs_images = True
     model_role = "clip-score"

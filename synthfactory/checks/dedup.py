@@ -24,7 +24,7 @@ from synthfactory.checks.base import (
     PreviousRelease,
     Verdict,
 )
-from synthfactory.generators.base import Sample
+from synthfactory.samples import Sample
 from synthfactory.quality import near_duplicates as nd
 
 IMAGE_PAYLOADS = ("png", "jpg", "jpeg", "webp")
@@ -53,6 +53,7 @@ def _hashes(manifest: pa.Table) -> tuple[list[int], np.ndarray]:
 class Dedup(DatasetCheck):
     Params = DedupParams
     version = "1"
+    code = ("synthfactory.quality.near_duplicates",)
     columns = {"phash": pa.string()}
     params: DedupParams
 

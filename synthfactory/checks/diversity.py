@@ -45,6 +45,13 @@ class DiversityParams(CheckParams):
 class Diversity(DatasetCheck):
     Params = DiversityParams
     version = "1"
+    code = (
+        "synthfactory.models",
+        "synthfactory.checks.dedup",
+        "synthfactory.checks.clip_score",
+        "synthfactory.quality.diversity",
+        "synthfactory.quality.near_duplicates",
+    )
     params: DiversityParams
 
     def evaluate(self, data: DatasetView, previous: PreviousRelease | None) -> Findings:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pydantic import Field, field_validator
 
 from synthfactory.checks.base import CHECKS, CheckParams, SampleCheck, Verdict
-from synthfactory.generators.base import Sample
+from synthfactory.samples import Sample
 from synthfactory.quality.privacy import PII_PATTERNS, find_pii
 
 PATTERN_NAMES = tuple(pattern.name for pattern in PII_PATTERNS)
@@ -35,6 +35,7 @@ class PiiParams(CheckParams):
 class Pii(SampleCheck):
     Params = PiiParams
     version = "1"
+    code = ("synthfactory.quality.privacy",)
     params: PiiParams
 
     def check(self, samples: Sequence[Sample]) -> list[Verdict]:

@@ -11,80 +11,21 @@ bytes, which is what makes releases reproducible and shards resumable.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from synthfactory.plugins import Registry
+from synthfactory.samples import Rejection, Sample, SampleSlot
 
 
 class GeneratorParams(BaseModel):
     """Base of every generator's params model: unknown keys are recipe errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PluginSpec(BaseModel):
-    """A plug-in as a recipe names it: registry name + params (validated by the plug-in)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class SampleSlot:
-    """One sample to produce: its global index, WebDataset key and derived seed.
-
-    A generator that makes several outputs per slot (k images per caption) gives each
-    its own slot with the same index, a key suffix and a seed derived with `derive_seed`.
-    """
-
-    index: int
-    key: str
-    seed: int
-
-
-@dataclass
-class Sample:
-    """A generated sample: the tar members plus the manifest fields it contributes.
-
-    `files` maps a WebDataset extension (``png``, ``json``, ``txt``) to bytes;
-    `payload` names the member whose sha256 identifies the sample's content.
-    `columns` holds the generator's own manifest columns (declared in `Generator.columns`).
-    `group` ties together samples made from one prompt (k images of a caption), so
-    contrastive training can draw positives from a group; by default a sample is alone.
-    """
-
-    slot: SampleSlot
-    caption: str
-    files: dict[str, bytes]
-    payload: str
-    columns: dict[str, Any] = field(default_factory=dict)
-    group: str | None = None
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A slot that produced no usable sample, kept with the reason (and the sample itself
-    when one was made and a check refused it, so users can inspect what the gate dropped)."""
-
-    slot: SampleSlot
-    reason: str
-    stage: str = "generate"
-    sample: Sample | None = None
-
-
-def derive_seed(parent: int, child: int) -> int:
-    """A 63-bit seed from (parent seed, child index), independent of batching and workers."""
-    digest = hashlib.blake2b(b"%d:%d" % (parent, child), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
 class TransientGeneratorError(RuntimeError):
@@ -99,6 +40,9 @@ class Generator(ABC):
     plugin_name: ClassVar[str]
     #: bump when the output for the same params and seed changes
     version: ClassVar[str]
+    #: modules besides the plug-in's own whose code shapes its output; hashed into every
+    #: shard's cache key, the release's dvc.yaml deps and its inputs fingerprint
+    code: ClassVar[tuple[str, ...]] = ()
     #: the generator's own manifest columns and their Arrow types (fixed schema = stable bytes)
     columns: ClassVar[dict[str, pa.DataType]] = {}
     #: for a chained generator, the params field holding the upstream generator's spec;

@@ -28,8 +28,9 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from synthfactory import models
-from synthfactory.generators.base import GENERATORS, Generator, GeneratorParams, Rejection, Sample, SampleSlot
+from synthfactory.generators.base import GENERATORS, Generator, GeneratorParams
 from synthfactory.generators.inputs import read_lines, read_yaml_list
+from synthfactory.samples import Rejection, Sample, SampleSlot
 
 #: SynCLR's positional words for the `concept, relation` template
 RELATIONS = ("in front of", "behind", "next to", "on top of", "under", "above", "below", "beside", "inside", "near")
@@ -186,6 +187,7 @@ def _seeded_sampler(seeds: Sequence[int], temperature: float, top_p: float) -> A
 class LLMCaptions(models.UsesModel, Generator):
     Params = LLMCaptionParams
     version = "1"
+    code = ("synthfactory.models", "synthfactory.generators.inputs")
     columns = {
         "concept": pa.string(),
         "concept_source": pa.string(),

@@ -20,14 +20,8 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 from pydantic import Field, field_validator, model_validator
 
-from synthfactory.generators.base import (
-    GENERATORS,
-    Generator,
-    GeneratorParams,
-    Rejection,
-    Sample,
-    SampleSlot,
-)
+from synthfactory.generators.base import GENERATORS, Generator, GeneratorParams
+from synthfactory.samples import Rejection, Sample, SampleSlot
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

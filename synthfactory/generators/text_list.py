@@ -7,8 +7,9 @@ from collections.abc import Iterator, Sequence
 
 from pydantic import Field, ValidationInfo, model_validator
 
-from synthfactory.generators.base import GENERATORS, Generator, GeneratorParams, Sample, SampleSlot
+from synthfactory.generators.base import GENERATORS, Generator, GeneratorParams
 from synthfactory.generators.inputs import read_lines
+from synthfactory.samples import Sample, SampleSlot
 
 
 class TextListParams(GeneratorParams):
@@ -28,6 +29,7 @@ class TextListParams(GeneratorParams):
 class TextList(Generator):
     Params = TextListParams
     version = "1"
+    code = ("synthfactory.generators.inputs",)
     params: TextListParams
 
     def generate(self, slots: Sequence[SampleSlot]) -> Iterator[Sample]:

@@ -24,16 +24,9 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from synthfactory import models
-from synthfactory.generators.base import (
-    GENERATORS,
-    Generator,
-    GeneratorParams,
-    PluginSpec,
-    Rejection,
-    Sample,
-    SampleSlot,
-    derive_seed,
-)
+from synthfactory.generators.base import GENERATORS, Generator, GeneratorParams
+from synthfactory.plugins import PluginSpec
+from synthfactory.samples import Rejection, Sample, SampleSlot, derive_seed
 
 
 class TextToImageParams(GeneratorParams, models.ModelSettings):
@@ -108,6 +101,7 @@ class TextToImage(models.UsesModel, Generator):
     upstream = "captions"
     model_role = "image"
     version = "1"
+    code = ("synthfactory.models",)
     params: TextToImageParams
 
     @cached_property

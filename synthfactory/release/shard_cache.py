@@ -1,10 +1,9 @@
 """Content-addressed shard cache: the durable record that makes runs resumable.
 
-A shard's key hashes everything that shapes its bytes: the resolved recipe (minus the
-sample count, which only decides how many shards there are, and minus execution and
-fault settings), the code version, and the shard's sample range. A shard is generated
-into a private temporary directory, fsynced, then renamed to ``<key>/`` in one step:
-an entry either exists whole or not at all. A rerun of the same release (after a crash,
+A shard's key (`fingerprint.shard_keys`) hashes everything that shapes its bytes: the
+resolved recipe (minus the sample count and the run settings), the code, and the
+shard's sample range. A shard is generated into a private temporary directory,
+fsynced, then renamed to ``<key>/`` in one step: an entry either exists whole or not at all. A rerun of the same release (after a crash,
 a kill, a failed gate or publish) finds its finished shards here and only generates the
 rest; a recipe that appends samples reuses every full shard it shares with the last one.
 
@@ -19,63 +18,17 @@ Entry layout (the same as a release, so staging only hard-links files)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from synthfactory.recipe import Recipe
-from synthfactory.shards import REJECTED_DIR, SHARDS_DIR, ShardPlan
+from synthfactory.files import fsync_dir, fsync_tree
+from synthfactory.shards import REJECTED_DIR, SHARDS_DIR
 
 RESULT_FILE = "result.json"
-#: recipe fields that change how a run executes, never the bytes it makes
-RUN_SETTINGS = ("execution", "faults")
-
-
-def recipe_digest(recipe: Recipe, *, exclude: tuple[str, ...] = RUN_SETTINGS) -> str:
-    """Hash of the recipe's content (every default spelled out) without `exclude`."""
-    content = recipe.model_dump(mode="json", exclude=set(exclude))
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def shard_keys(recipe: Recipe, code_version: str, plans: Sequence[ShardPlan]) -> list[str]:
-    """Each plan's key. The sample count only decides how many shards there are, so it
-    is left out: a recipe that appends samples keeps the keys of its full shards."""
-    content = recipe_digest(recipe, exclude=("samples", *RUN_SETTINGS))
-    return [
-        hashlib.sha256(f"{content}:{code_version}:{plan.index}:{plan.start}:{plan.stop}".encode()).hexdigest()
-        for plan in plans
-    ]
-
-
-def shard_key(recipe: Recipe, code_version: str, plan: ShardPlan) -> str:
-    return shard_keys(recipe, code_version, [plan])[0]
-
-
-def code_version(files: Iterable[tuple[Path, str]]) -> str:
-    """Hash of the code that shapes the bytes: (source file, registry path) pairs."""
-    digest = hashlib.sha256()
-    for source, relative in sorted(files, key=lambda pair: pair[1]):
-        digest.update(relative.encode() + b"\0" + hashlib.sha256(Path(source).read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under root, so a rename publishes durable bytes."""
-    for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    for directory in [*(p for p in root.rglob("*") if p.is_dir()), root]:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class ShardCache:
@@ -113,7 +66,7 @@ class ShardCache:
         directory into place. If another attempt committed the same key first, keep theirs."""
         files = {p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
         (staging / RESULT_FILE).write_text(json.dumps({**result, "files": files}, sort_keys=True))
-        _fsync_tree(staging)
+        fsync_tree(staging)
         entry = self.entry(key)
         try:
             os.rename(staging, entry)
@@ -121,11 +74,7 @@ class ShardCache:
             shutil.rmtree(staging, ignore_errors=True)
             if self.lookup(key) is None:
                 raise
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.root)
         return entry
 
     def link_into(self, key: str, name: str, stage_dir: Path) -> None:

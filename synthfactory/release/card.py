@@ -25,11 +25,12 @@ def render_card(
     recipe: Recipe,
     metrics: dict[str, Any],
     gate_lines: list[str],
-    code_files: list[str],
+    code_files: Sequence[str],
+    fingerprint: str,
     has_images: bool,
     models: Sequence[tuple[str, str, str]] = (),
 ) -> str:
-    """`models`: (role, id, revision) of every model the recipe ran."""
+    """`fingerprint`: of the release's inputs; `models`: (role, id, revision) of every model the recipe ran."""
     front = {
         "pretty_name": recipe.name,
         "size_categories": [_size_category(metrics["samples"])],
@@ -53,7 +54,7 @@ def render_card(
 ## Provenance
 
 - Generator: `{recipe.generator.kind}` (params below){model_lines}
-- Recipe fingerprint: `{recipe.fingerprint()}`
+- Inputs fingerprint (recipe, the files it reads, the code): `{fingerprint}`
 - Seed: `{recipe.seed}`; each sample's seed is derived from (seed, sample index) and stored in the manifest
 - Code hashed into `dvc.lock` for this release:
 {code}

@@ -19,6 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from synthfactory.files import atomic_write
+from synthfactory.release.summary import Limit, Quality, RunStats, RunSummary
 from synthfactory.shards import SHARDS_DIR, read_shard
 
 GRID_SAMPLES = 16
@@ -96,7 +98,7 @@ def _rejections(rejected: pa.Table) -> str:
 
 
 def _figures(quality: dict[str, dict[str, float]], previous: dict[str, dict[str, float]],
-             limits: list[tuple[str, float | None, float | None]]) -> str:
+             limits: tuple[Limit, ...]) -> str:
     bounds = {name: (low, high) for name, low, high in limits}
     rows = []
     for check, figures in quality.items():
@@ -119,13 +121,12 @@ def render_report(
     manifest: pa.Table,
     rejected: pa.Table,
     metrics: dict[str, Any],
-    judged: dict[str, Any],
+    quality: Quality,
     gate_lines: list[str],
 ) -> Path:
-    """Write stage_dir/report/index.html; `judged` holds the gate limits, notes and the
-    previous release's tag and quality figures."""
+    """Write stage_dir/report/index.html: the figures beside the previous release's and the limits."""
     sections = [f"<h1>{html.escape(dataset)} release report</h1>"]
-    previous_tag = judged.get("previous")
+    previous_tag = quality.previous
     sections.append(
         f"<p>{metrics['samples']} samples, {metrics['rejected']} rejected "
         f"({', '.join(f'{k}: {v}' for k, v in metrics.get('rejected_by', {}).items()) or 'none'}); "
@@ -141,11 +142,10 @@ def render_report(
         plots.append(_histogram("CLIP score", manifest.column("clip_score").to_pylist()))
     if plots:
         sections.append("<h2>Distributions</h2>" + "".join(plots))
-    quality = metrics.get("quality", {})
-    if quality:
-        sections.append("<h2>Quality and diversity</h2>" + _figures(quality, judged.get("previous_quality", {}), judged["limits"]))
-    if judged.get("notes"):
-        sections.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in judged["notes"]) + "</ul>")
+    if quality.metrics:
+        sections.append("<h2>Quality and diversity</h2>" + _figures(quality.metrics, quality.previous_metrics, quality.limits))
+    if quality.notes:
+        sections.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in quality.notes) + "</ul>")
     sections.append("<h2>Rejections</h2>" + _rejections(rejected))
     verdict = "".join(f"<li>{html.escape(line)}</li>" for line in gate_lines)
     sections.append(f'<h2>Validation gate</h2><ul>{verdict}</ul><p><a href="../validation/index.html">Great Expectations report</a></p>')
@@ -155,26 +155,26 @@ def render_report(
     page = f"<!doctype html><meta charset=utf-8><title>{html.escape(dataset)}</title><style>{style}</style>{''.join(sections)}"
     target = stage_dir / "report" / "index.html"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(page)
+    atomic_write(target, page)
     return target
 
 
-def run_markdown(summary: dict[str, Any], run: Any) -> str:
+def run_markdown(summary: RunSummary, run: RunStats) -> str:
     """The run's figures as a markdown table (a Prefect artifact in the UI)."""
-    title = summary["tag"] or f"{summary['dataset']} (staged, not published)"
+    title = summary.tag or f"{summary.dataset} (staged, not published)"
     rows = [
-        ("samples", summary["samples"]),
-        ("rejected", summary["rejected"]),
-        *((f"rejected by {check}", count) for check, count in summary["rejected_by"].items()),
-        ("samples/s (generation)", summary["samples_per_s"]),
+        ("samples", summary.samples),
+        ("rejected", summary.rejected),
+        *((f"rejected by {check}", count) for check, count in summary.rejected_by.items()),
+        ("samples/s (generation)", summary.samples_per_s),
         ("shards generated", run.shards_generated),
         ("shards reused from the cache", run.shards_reused),
         ("shard retries", run.retries),
-        ("S3 push retries", summary.get("push_retries", 0)),
+        ("S3 push retries", summary.push_retries),
         ("worker-seconds", run.worker_seconds),
         ("worker processes", run.worker_processes),
         *((f"device-seconds on {device}", seconds) for device, seconds in run.device_seconds.items()),
-        *((f"stage seconds: {stage}", seconds) for stage, seconds in summary["stage_seconds"].items()),
+        *((f"stage seconds: {stage}", seconds) for stage, seconds in summary.stage_seconds.items()),
     ]
     lines = [f"## {title}", "", "| figure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
-    return "\n".join(lines) + f"\n\nRelease directory: `{summary['release_dir']}`\n"
+    return "\n".join(lines) + f"\n\nRelease directory: `{summary.release_dir}`\n"

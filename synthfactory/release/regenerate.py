@@ -16,8 +16,9 @@ from pathlib import Path
 
 from synthfactory.recipe import Recipe, load_recipe
 from synthfactory.registry import DataRegistry
-from synthfactory.release import code_files, inputs_fingerprint, latest_release_with_inputs, recipe_locations
-from synthfactory.shard_cache import code_version
+from synthfactory.release.bundle import plugins_of
+from synthfactory.release.fingerprint import CodeFile, code_files, code_version, inputs_fingerprint
+from synthfactory.release.job import latest_release_with_inputs, recipe_locations
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ def recipe_paths(registry: DataRegistry) -> list[Path]:
     return sorted((registry.root / "recipes").glob("*.yaml"))
 
 
-def dependencies(recipe: Recipe, recipe_path: Path, registry: DataRegistry, code: Sequence[tuple[Path, str]]) -> list[str]:
+def dependencies(recipe: Recipe, recipe_path: Path, registry: DataRegistry, code: Sequence[CodeFile]) -> list[str]:
     """Registry paths of everything the recipe's release depends on (the dvc.yaml deps)."""
     recipe_file, inputs = recipe_locations(recipe, recipe_path.resolve(), registry)
     return [recipe_file, *(relative for _, relative in inputs), *(relative for _, relative in code)]
@@ -48,7 +49,7 @@ def decide(registry: DataRegistry, recipes: list[Path], since: str | None = None
     decisions = []
     for path in recipes:
         recipe = load_recipe(path)
-        code = code_files(recipe)
+        code = code_files(plugins_of(recipe).plugins)
         if changed is not None and not changed.intersection(dependencies(recipe, path, registry, code)):
             decisions.append(Decision(path, recipe.name, False, f"no input changed since {since}"))
             continue

@@ -1,0 +1,62 @@
+"""Durable, atomic file writes: the one way the factory replaces a file.
+
+A reader (a trainer following the live feed, a resumed run, a crash-recovery pass) sees
+either the old bytes or the new ones, never half a file, and after a power cut the
+rename is on disk together with the bytes it names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | str, *, mode: int | None = None) -> None:
+    """Write `data` to a private sibling, fsync it, rename it over `path`, fsync the directory.
+
+    `mode` sets the permissions before any byte is written (0o600 for files holding secrets).
+    Concurrent writers of one path each use their own temporary file; the last rename wins.
+    """
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644 if mode is None else mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)  # the umask must not widen it
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """`data` as indented, key-sorted JSON (stable bytes for the same content)."""
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` (before renaming it into place whole)."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in [*(p for p in root.rglob("*") if p.is_dir()), root]:
+        fsync_dir(directory)

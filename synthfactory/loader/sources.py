@@ -1,0 +1,342 @@
+"""Where a dataset's shards come from, behind one interface (`ShardSource`):
+
+* `ReleaseDirectory`: a release directory on local disk (``data/<dataset>/`` of a
+  checkout, or a ``synthfactory pull`` / ``dvc get`` target), read in place;
+* `DvcRelease`: a tagged release of a registry, read through ``dvc.api.DVCFileSystem``
+  at the tag: from DVC's local cache when it has the object, else streamed from S3;
+* `LiveRun`: the shards a run in progress has made durable, in the order its feed
+  lists them (see `synthfactory.live`), reporting progress so a slow reader holds the
+  run back.
+
+A source says which shards it has, plans which of them a consumer reads in an epoch
+(`schedule`), and opens one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import yaml
+
+from synthfactory import settings
+from synthfactory.live import FeedReader, read_feed
+from synthfactory.loader.errors import LoaderError
+from synthfactory.registry import DataRegistry
+from synthfactory.shards import SHARDS_DIR, shard_name
+from synthfactory.storage import ACCESS_KEY_VAR, ENDPOINT_VAR, SECRET_KEY_VAR, StorageError
+from synthfactory.tags import version_of
+
+#: how often a live reader refreshes its progress file while reading or waiting
+HEARTBEAT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard: its name, where to read it, and what identifies its content.
+
+    `cache_key` None means the file is local and immutable: it is read in place.
+    """
+
+    name: str
+    location: str
+    cache_key: str | None = None
+    md5: str | None = None
+    samples: int | None = None  # live feed: samples the run wrote (catches a short shard)
+
+
+#: a shard one consumer reads: (shard, stride, offset) over the shard's samples
+Assignment = tuple[ShardRef, int, int]
+
+
+class ShardSource(Protocol):
+    label: str
+
+    def shard_names(self) -> list[str]:
+        """Every shard of the dataset (a live run: every shard it plans)."""
+
+    def classes(self) -> tuple[str, ...] | None:
+        """The recipe's label set, if it has one (labels become its indices)."""
+
+    def schedule(self, names: Sequence[str], consumer: int, consumers: int, order: random.Random | None) -> Iterator[Assignment]:
+        """The shards of `names` that `consumer` (of `consumers`) reads this epoch, in
+        order; `order` shuffles them (None: as listed)."""
+
+    def open(self, ref: ShardRef) -> tuple[BinaryIO, bool]:
+        """(stream, local): local streams are read in place, others through the cache."""
+
+
+def consumer_share(position: int, shards: int, consumer: int, consumers: int) -> tuple[int, int] | None:
+    """Which samples of the shard at `position` (of `shards`) `consumer` reads, as
+    (stride, offset) over the shard's samples, or None when it reads none of them.
+
+    With at least as many shards as consumers each shard goes whole to one consumer
+    (round robin); with fewer, the consumers of one shard take every stride-th sample.
+    """
+    if shards >= consumers:
+        return (1, 0) if position % consumers == consumer else None
+    if position != consumer % shards:
+        return None
+    return len(range(position, consumers, shards)), consumer // shards
+
+
+def _classes_of(recipe_text: str | None) -> tuple[str, ...] | None:
+    """The recipe's `generator.params.classes`, if it has one."""
+    if not recipe_text:
+        return None
+    classes = ((yaml.safe_load(recipe_text) or {}).get("generator") or {}).get("params", {}).get("classes")
+    return tuple(classes) if classes else None
+
+
+class _Release:
+    """A finished release: every shard known up front, split round robin per epoch."""
+
+    label: str
+
+    def __init__(self, refs: list[ShardRef], recipe_text: str | None) -> None:
+        self.refs = {ref.name: ref for ref in refs}
+        self._classes = _classes_of(recipe_text)
+        self.recipe_name = (yaml.safe_load(recipe_text) or {}).get("name") if recipe_text else None
+
+    def shard_names(self) -> list[str]:
+        return list(self.refs)
+
+    def classes(self) -> tuple[str, ...] | None:
+        return self._classes
+
+    def schedule(self, names: Sequence[str], consumer: int, consumers: int, order: random.Random | None) -> Iterator[Assignment]:
+        ordered = list(names)
+        if order is not None:
+            order.shuffle(ordered)
+        for position, name in enumerate(ordered):
+            share = consumer_share(position, len(ordered), consumer, consumers)
+            if share is not None:
+                yield self.refs[name], *share
+
+
+class ReleaseDirectory(_Release):
+    """Shards of a release directory on local disk, read in place."""
+
+    def __init__(self, path: Path) -> None:
+        recipe = path / "recipe.yaml"
+        super().__init__(
+            [ShardRef(p.name, str(p)) for p in sorted((path / SHARDS_DIR).glob("*.tar"))],
+            recipe.read_text() if recipe.exists() else None,
+        )
+        self.label = str(path)
+
+    def open(self, ref: ShardRef) -> tuple[BinaryIO, bool]:
+        return open(ref.location, "rb"), True
+
+
+class DvcRelease(_Release):
+    """A tagged release of a registry, read through DVC's filesystem at that tag.
+
+    Each process (DataLoader workers included) opens its own DVC filesystem, with the S3
+    settings of its environment (`settings.resolve_storage()`) passed as that in-memory
+    DVC's remote config: credentials never go to os.environ, a config file, a pickled
+    copy of this object or a message.
+    """
+
+    def __init__(self, registry: DataRegistry, dataset: str, tag: str) -> None:
+        self.registry, self.dataset, self.tag = registry, dataset, tag
+        self.label = f"{tag} in {registry.root}"
+        self._fs_pid: tuple[int, Any] | None = None
+        shards_path = f"data/{dataset}/{SHARDS_DIR}"
+        with self._remote_errors(shards_path):  # the `.dir` listing: DVC's index keeps it, so a warm restart needs no S3
+            found = self._fs().ls(shards_path, detail=True)
+        try:
+            recipe_text = self._fs().read_text(f"data/{dataset}/recipe.yaml")
+        except FileNotFoundError:
+            recipe_text = None
+        refs = [
+            ShardRef(Path(e["name"]).name, e["name"], cache_key=e["md5"], md5=e["md5"])
+            for e in sorted(found, key=lambda e: e["name"])
+            if e["name"].endswith(".tar")
+        ]
+        super().__init__(refs, recipe_text)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs_pid": None}  # DataLoader workers open their own
+
+    def _fs(self) -> Any:
+        from dvc.api import DVCFileSystem
+
+        if self._fs_pid is None or self._fs_pid[0] != os.getpid():
+            self._fs_pid = (os.getpid(), DVCFileSystem(str(self.registry.root), rev=self.tag, remote_config=_remote_config()))
+        return self._fs_pid[1]
+
+    def open(self, ref: ShardRef) -> tuple[BinaryIO, bool]:
+        """Local when DVC serves the object from its own cache."""
+        with self._remote_errors(ref.location):
+            stream = self._fs().open(ref.location)
+        return stream, isinstance(stream, io.BufferedReader)
+
+    @contextmanager
+    def _remote_errors(self, path: str) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, NoCredentialsError
+
+        try:
+            yield
+        except NoCredentialsError:
+            raise LoaderError(
+                f"cannot read {path} of {self.tag} from S3: no credentials; set {ACCESS_KEY_VAR} and "
+                f"{SECRET_KEY_VAR} (and {ENDPOINT_VAR} for a non-AWS endpoint)"
+            ) from None
+        except FileNotFoundError:
+            raise LoaderError(
+                f"{path} of {self.tag}: not found (not tracked at that tag, or in neither DVC's cache nor the remote)"
+            ) from None
+        except (OSError, BotoCoreError) as exc:
+            raise LoaderError(
+                f"cannot read {path} of {self.tag} from S3 ({type(exc).__name__}: {exc}); check {ACCESS_KEY_VAR}, "
+                f"{SECRET_KEY_VAR} and {ENDPOINT_VAR}"
+            ) from None
+
+
+def _remote_config() -> dict[str, str]:
+    """The DVC remote settings of this environment's S3 (endpoint, region, credentials);
+    empty when none is configured (DVC's cache may still hold every object)."""
+    try:
+        storage = settings.resolve_storage()
+    except StorageError:
+        return {}
+    config = {"region": storage.region}
+    if storage.endpoint_url:
+        config["endpointurl"] = storage.endpoint_url
+    if storage.access_key and storage.secret_key:
+        config.update(access_key_id=storage.access_key, secret_access_key=storage.secret_key)
+    return config
+
+
+def resolve_tag(registry: DataRegistry, dataset: str, version: int | str | None) -> str:
+    """`version` (N, "vN", "<dataset>@vN", or None for the latest) as an existing tag."""
+    releases = registry.tags(dataset)
+    if not releases:
+        known = sorted({tag.dataset for tag in registry.release_tags()})
+        raise LoaderError(
+            f"unknown dataset {dataset!r}: registry {registry.root} has no {dataset}@vN tag; "
+            f"datasets released there: {', '.join(known) or 'none'}"
+        )
+    if version is None:
+        return releases[-1]
+    number = version_of(version, dataset)
+    if number is None:
+        raise LoaderError(f"version={version!r}: give N, 'vN' or '{dataset}@vN'")
+    tag = f"{dataset}@v{number}"
+    if tag not in releases:
+        raise LoaderError(f"unknown version {version!r} of {dataset!r} in {registry.root}; released: {', '.join(releases)}")
+    return tag
+
+
+class LiveRun:
+    """The durable shards of a run in progress, as its feed announces them."""
+
+    def __init__(self, registry_root: Path, dataset: str, poll_s: float, timeout_s: float, consumer: str) -> None:
+        """Follow the run in progress; a trainer started first waits (up to `timeout_s`)
+        for the run to start, rather than replaying a run that already finished."""
+        deadline = time.monotonic() + timeout_s
+        while (feed := read_feed(registry_root, dataset)) is None or feed.done:
+            if time.monotonic() > deadline:
+                raise LoaderError(
+                    f"no running live feed for dataset {dataset!r} in {registry_root} within {timeout_s:g} s "
+                    f"(live_timeout_s): start its run (it writes .synthfactory/live/{dataset}/feed.json); "
+                    "a finished run is read as a release (version=…)"
+                )
+            time.sleep(poll_s)
+        self.registry_root, self.dataset = registry_root, dataset
+        self._classes = tuple(feed.classes) if feed.classes else None
+        self.run_id, self.total_shards = feed.run_id, feed.total_shards
+        self.poll_s, self.timeout_s, self.consumer = poll_s, timeout_s, consumer
+        self.label = f"live run {feed.run_id} of {dataset} in {registry_root}"
+
+    def shard_names(self) -> list[str]:
+        return [shard_name(self.dataset, index) for index in range(self.total_shards)]
+
+    def classes(self) -> tuple[str, ...] | None:
+        return self._classes
+
+    def open(self, ref: ShardRef) -> tuple[BinaryIO, bool]:
+        try:
+            return open(ref.location, "rb"), False  # the run's scratch space: copied into the cache as it is read
+        except FileNotFoundError:
+            raise LoaderError(f"shard {ref.name} of {self.label} is gone from {ref.location}") from None
+
+    def schedule(self, names: Sequence[str], consumer: int, consumers: int, order: random.Random | None) -> Iterator[Assignment]:
+        """Follow the feed: this consumer's share of the selected shards in feed order
+        (`order` does not apply), reporting the feed position reached (every earlier
+        shard is done for this consumer) as the run's back-pressure signal, and polling
+        when caught up, until the run finishes."""
+        reader = FeedReader(self.registry_root, self.dataset, consumer=f"{self.consumer}-{consumer}")
+        progress = _Progress(reader, self.run_id)
+        selected = set(names)
+        position, selected_seen = 0, 0
+        last_news = time.monotonic()
+        try:
+            while True:
+                feed = reader.feed()
+                if feed is None or feed.run_id != self.run_id:
+                    raise LoaderError(f"the feed of {self.label} was replaced by another run")
+                if feed.state == "failed":
+                    raise LoaderError(f"run {feed.run_id} of {feed.dataset} failed: {feed.message or 'no message'}")
+                if position < len(feed.shards):
+                    while position < len(feed.shards):
+                        entry = feed.shards[position]
+                        if entry.name in selected:
+                            share = consumer_share(selected_seen, len(selected), consumer, consumers)
+                            selected_seen += 1
+                            if share is not None:
+                                progress.at(position)
+                                yield ShardRef(entry.name, entry.path, f"live-{self.run_id}-{entry.name}",
+                                               samples=entry.samples), *share
+                        position += 1
+                    last_news = time.monotonic()
+                    continue
+                progress.at(position)
+                if feed.done:
+                    return
+                if time.monotonic() - last_news > self.timeout_s:
+                    raise LoaderError(
+                        f"{self.label}: no new shard for {self.timeout_s:.0f} s (live_timeout_s) after "
+                        f"{len(feed.shards)} of {feed.total_shards}; is the run still alive?"
+                    )
+                time.sleep(self.poll_s)
+        finally:
+            progress.stop()
+            reader.leave()
+
+
+class _Progress:
+    """A live reader's position, reported when it moves and every `HEARTBEAT_S` from a
+    thread (also while a long shard is being read), so the run knows the reader is alive."""
+
+    def __init__(self, reader: FeedReader, run_id: str) -> None:
+        self.reader, self.run_id = reader, run_id
+        self.position: int | None = None
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._beat, name="live-heartbeat", daemon=True)
+        self._thread.start()
+
+    def at(self, position: int) -> None:
+        with self._lock:
+            if position != self.position:
+                self.position = position
+                self.reader.report(self.run_id, position)
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_S):
+            with self._lock:
+                if self.position is not None:
+                    self.reader.report(self.run_id, self.position)
+
+    def stop(self) -> None:
+        self._stopped.set()

@@ -1,0 +1,186 @@
+"""A release job: what the user asked for, checked and resolved before any work.
+
+`prepare` turns a `ReleaseRequest` (CLI options or deployment parameters) into a
+`ReleaseJob`: the validated recipe and run options, its plug-ins' models, the storage,
+the registry, where the recipe and its files live there, the code the bytes depend on,
+and a private work dir. Every check that can fail on bad input runs here, first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from synthfactory import settings
+from synthfactory.recipe import Execution, Recipe, RecipeError, load_recipe
+from synthfactory.registry import DataRegistry
+from synthfactory.release.bundle import PluginBundle, plugins_of
+from synthfactory.release.fingerprint import CodeFile, code_files, code_version, inputs_fingerprint, shard_keys
+from synthfactory.release.recovery import OWNER_FILE, recover_interrupted
+from synthfactory.release.shard_cache import ShardCache
+from synthfactory.shards import ShardPlan, plan_shards
+from synthfactory.storage import ensure_bucket
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """A run as the user asked for it, unchecked: the release flow's parameters."""
+
+    recipe_path: str
+    registry: str = "."
+    samples: int | None = None
+    seed: int | None = None
+    publish: bool = True
+    overrides: tuple[str, ...] = ()
+    workers: int | None = None
+    dask_address: str | None = None
+    only_if_changed: bool = False
+
+    def parameters(self) -> dict[str, Any]:
+        """As the flow's keyword arguments."""
+        return {
+            "recipe_path": self.recipe_path, "registry": self.registry, "samples": self.samples, "seed": self.seed,
+            "publish": self.publish, "overrides": list(self.overrides), "workers": self.workers,
+            "dask_address": self.dask_address, "only_if_changed": self.only_if_changed,
+        }
+
+
+@dataclass(frozen=True)
+class ReleaseJob:
+    """Everything a run needs, resolved up front; holds no secrets (it is a task input)."""
+
+    request: ReleaseRequest
+    recipe: Recipe
+    execution: Execution  # the recipe's, with the run's own choices of where shards run
+    registry: DataRegistry
+    recipe_source: Path
+    recipe_file: str  # where the recipe lives inside the registry
+    inputs: tuple[CodeFile, ...]  # (file the recipe reads, its path inside the registry)
+    code: tuple[CodeFile, ...]  # (source file the bytes depend on, its path inside the registry)
+    work_dir: Path
+    code_version: str  # hash of the code files: part of every shard's cache key
+
+    @property
+    def plugins(self) -> PluginBundle:
+        return plugins_of(self.recipe)
+
+    @property
+    def stage_dir(self) -> Path:
+        """Becomes data/<dataset>/ when the gate passes."""
+        return self.work_dir / "release"
+
+    @property
+    def cache(self) -> ShardCache:
+        return ShardCache(self.registry.scratch / "shards" / self.recipe.name)
+
+    @property
+    def release_dir(self) -> Path:
+        return self.registry.release_dir(self.recipe.name)
+
+    @property
+    def code_files(self) -> tuple[str, ...]:
+        return tuple(relative for _, relative in self.code)
+
+    @property
+    def dependencies(self) -> list[str]:
+        """What the dvc.yaml stage depends on: the recipe, the files it reads, the code."""
+        return [self.recipe_file, *(relative for _, relative in self.inputs), *self.code_files]
+
+    @property
+    def command(self) -> str:
+        """How `dvc repro` regenerates this release."""
+        command = ["synthfactory", "run", self.recipe_file, "--no-publish"]
+        if self.request.samples is not None:
+            command += ["--samples", str(self.request.samples)]
+        if self.request.seed is not None:
+            command += ["--seed", str(self.request.seed)]
+        for assignment in self.request.overrides:
+            command += ["--set", assignment]
+        return shlex.join(command)
+
+    def plans(self) -> list[ShardPlan]:
+        return plan_shards(self.recipe.name, self.recipe.samples, self.recipe.shard_size)
+
+    @functools.cached_property
+    def shard_keys(self) -> list[tuple[ShardPlan, str]]:
+        plans = self.plans()
+        return list(zip(plans, shard_keys(self.recipe, self.code_version, plans), strict=True))
+
+    @property
+    def inputs_fingerprint(self) -> str:
+        """Hash of everything the release's bytes depend on, not of how it runs."""
+        return inputs_fingerprint(self.recipe, self.code_version)
+
+    def tracked_files(self) -> list[str]:
+        """Files a publish may rewrite besides the release entries; snapshotted for rollback."""
+        return ["dvc.yaml", "dvc.lock", ".dvc/config", *self.dependencies, f"data/{self.recipe.name}/.gitignore"]
+
+
+def execution_for(recipe: Recipe, workers: int | None = None, dask_address: str | None = None) -> Execution:
+    """The recipe's execution settings with a run's own choices (they change where shards
+    run, not what they hold); a bad value is a RecipeError naming the option."""
+    update: dict[str, Any] = {"workers": workers} if workers else {}
+    if dask_address:
+        update.update(runner="dask", dask_address=dask_address)
+    try:
+        return Execution.model_validate({**recipe.execution.model_dump(), **update})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}, got {e['input']!r}" for e in exc.errors())
+        raise RecipeError(f"invalid run option: {problems}") from None
+
+
+def prepare(request: ReleaseRequest) -> ReleaseJob:
+    """Check everything that can fail on bad input (recipe, run options, models, storage,
+    registry), then give the run a private work dir in the registry's scratch space."""
+    recipe = load_recipe(request.recipe_path, samples=request.samples, seed=request.seed, overrides=request.overrides)
+    execution = execution_for(recipe, request.workers, request.dask_address)
+    plugins = plugins_of(recipe)
+    plugins.preflight()
+    if request.publish:
+        ensure_bucket(settings.resolve_storage())
+    registry = DataRegistry.open(Path(request.registry))
+    recipe_source = Path(request.recipe_path).resolve()
+    recipe_file, inputs = recipe_locations(recipe, recipe_source, registry)
+    recover_interrupted(registry, wait=False)
+    (registry.scratch / "work").mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-", dir=registry.scratch / "work"))
+    (work_dir / OWNER_FILE).write_text(str(os.getpid()))
+    code = code_files(plugins.plugins)
+    return ReleaseJob(request, recipe, execution, registry, recipe_source, recipe_file, inputs, code, work_dir,
+                      code_version(code))
+
+
+def recipe_locations(recipe: Recipe, recipe_source: Path, registry: DataRegistry) -> tuple[str, tuple[CodeFile, ...]]:
+    """Where the recipe, and each file it reads, lives inside the registry: (recipe path,
+    ((file, its path), ...)). A recipe from outside goes to recipes/<name>.yaml."""
+    try:
+        recipe_file = recipe_source.relative_to(registry.root).as_posix()
+    except ValueError:
+        recipe_file = f"recipes/{recipe.name}.yaml"
+    inputs = tuple(
+        ((recipe_source.parent / name).resolve(), posixpath.normpath(posixpath.join(posixpath.dirname(recipe_file), name)))
+        for name in recipe.input_files()
+    )
+    return recipe_file, inputs
+
+
+def latest_release_with_inputs(registry: DataRegistry, dataset: str, fingerprint: str) -> str | None:
+    """The latest release's tag if it was made from exactly these inputs, else None."""
+    latest = registry.latest_tag(dataset)
+    if latest is not None and registry.tag_note(latest).get("inputs_fingerprint") == fingerprint:
+        return latest
+    return None
+
+
+def discard(job: ReleaseJob) -> None:
+    """Drop a job's work dir without releasing (nothing else was written)."""
+    shutil.rmtree(job.work_dir, ignore_errors=True)

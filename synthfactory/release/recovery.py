@@ -1,0 +1,117 @@
+"""Crash recovery: the publish journal, and undoing what a killed run left behind.
+
+A publish writes a journal into its work dir before it touches the registry: the saved
+bytes of every file it may rewrite, the base commit, the planned tag and the release
+entries it moves. A later run that finds the journal of a dead run rolls that publish
+back (or, if its tag exists, recognises it as complete), and deletes dead runs' work
+dirs; their finished shards stay in the shard cache, so the rerun only does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from synthfactory.files import atomic_write_json
+from synthfactory.registry import DataRegistry, FileSnapshot, RegistryError
+
+#: in a run's work dir: the pid of the process that owns it, and the journal of a publish in progress
+OWNER_FILE, JOURNAL_FILE, SNAPSHOT_DIR = "owner.pid", "publishing.json", "snapshot"
+#: a work dir with no owner file yet is being created; older than this, it was abandoned
+OWNERLESS_GRACE_S = 60.0
+
+
+def write_journal(work_dir: Path, journal: dict[str, Any]) -> None:
+    atomic_write_json(work_dir / JOURNAL_FILE, journal)
+
+
+def close_journal(work_dir: Path) -> None:
+    (work_dir / JOURNAL_FILE).unlink()
+
+
+def _owner_alive(work_dir: Path) -> bool:
+    try:
+        pid = int((work_dir / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        try:
+            return time.time() - work_dir.stat().st_mtime < OWNERLESS_GRACE_S
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def recover_interrupted(registry: DataRegistry, wait: bool = True) -> list[str]:
+    """Undo what killed runs left behind; returns what it did.
+
+    Runs under the registry lock; with `wait=False` it does nothing while another run
+    holds the lock (that run recovers before it publishes)."""
+    from filelock import Timeout
+
+    if not (registry.scratch / "work").exists():
+        return []
+    lock = registry.lock()
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        return []
+    try:
+        return recover(registry)
+    finally:
+        lock.release()
+
+
+def recover(registry: DataRegistry) -> list[str]:
+    """recover_interrupted() for a caller that holds the registry lock."""
+    done = []
+    work_root = registry.scratch / "work"
+    for work_dir in sorted(p for p in work_root.iterdir() if p.is_dir()) if work_root.exists() else []:
+        if _owner_alive(work_dir):
+            continue
+        journal = work_dir / JOURNAL_FILE
+        if journal.exists():
+            done.append(_roll_back_publish(registry, work_dir, json.loads(journal.read_text())))
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return done
+
+
+def _roll_back_publish(registry: DataRegistry, work_dir: Path, journal: dict[str, Any]) -> str:
+    tag, base = journal["tag"], journal["base_commit"]
+    if tag in registry.tags(journal["dataset"]):
+        return f"{tag}: the interrupted run had finished publishing"
+    (registry.root / ".git" / "index.lock").unlink(missing_ok=True)  # left by a git killed with the run
+    head = registry.git("rev-parse", "HEAD").strip()
+    if head != base:
+        parent = registry.git("rev-parse", "HEAD^").strip()
+        subject = registry.git("log", "-1", "--format=%s").strip()
+        if parent != base or subject != journal["message"]:
+            raise RegistryError(
+                f"an interrupted publish of {tag} left {registry.root} at {head[:12]}, which is not its release "
+                f"commit on {base[:12]}: inspect the repository, then delete {work_dir}"
+            )
+        registry.git("reset", "--quiet", "--soft", base)
+    snapshot = FileSnapshot.load(registry.root, work_dir / SNAPSHOT_DIR)
+    release_dir = registry.release_dir(journal["dataset"])
+    registry.git("reset", "--quiet", base, "--", *snapshot.paths, f"data/{journal['dataset']}")
+    snapshot.restore()
+    previous = work_dir / "previous"
+    for name in journal["names"]:
+        current, original = release_dir / name, previous / name
+        if name in journal["existing"] and not original.exists():
+            continue  # never moved aside: still the previous release's
+        if current.is_dir():
+            shutil.rmtree(current)
+        else:
+            current.unlink(missing_ok=True)
+        if original.exists():
+            original.rename(current)
+    return f"{tag}: rolled back a publish interrupted at {head[:12]}"

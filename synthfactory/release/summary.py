@@ -1,0 +1,85 @@
+"""What a run did and what the dataset checks found, as values passed between the steps:
+to the gate, into metrics.json, the report, the Prefect artifacts and the CLI's summary."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from synthfactory.release.build import ShardResult
+
+#: (check_metric, min, max): a dataset-level figure the gate holds the release to
+Limit = tuple[str, float | None, float | None]
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """How the shards were produced, as reported to the user and in metrics.json."""
+
+    seconds: float  # wall time of the shard fan-out
+    retries: int
+    shards_generated: int
+    shards_reused: int  # found finished in the shard cache (resumed or unchanged)
+    worker_seconds: float  # generation time summed over shards
+    worker_processes: int  # distinct processes that ran shards (scale-out at work)
+    device_seconds: dict[str, float]  # generation time on accelerators, per device
+
+    @classmethod
+    def of(cls, results: list[ShardResult], seconds: float) -> RunStats:
+        device_seconds: dict[str, float] = {}
+        for r in results:
+            if r.device != "cpu":
+                device_seconds[r.device] = round(device_seconds.get(r.device, 0.0) + r.seconds, 3)
+        return cls(
+            seconds=round(seconds, 3),
+            retries=sum(r.attempt - 1 for r in results),
+            shards_generated=sum(not r.reused for r in results),
+            shards_reused=sum(r.reused for r in results),
+            worker_seconds=round(sum(r.seconds for r in results), 3),
+            worker_processes=len({r.worker for r in results}),
+            device_seconds=device_seconds,
+        )
+
+    def as_dict(self, samples: int) -> dict[str, Any]:
+        return {**asdict(self), "samples_per_s": round(samples / self.seconds, 1) if self.seconds else None}
+
+
+@dataclass(frozen=True)
+class Quality:
+    """What the dataset-level checks found: figures for metrics.json and the report, the
+    limits the gate enforces, and the previous release they were compared with."""
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # check -> metric -> value
+    limits: tuple[Limit, ...] = ()
+    notes: tuple[str, ...] = ()
+    previous: str | None = None  # the previous release's tag
+    previous_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A release staged in the work dir, before the gate: its figures and the checks' verdict."""
+
+    metrics: dict[str, Any]  # what metrics.json will hold (without the gate's verdict)
+    quality: Quality
+
+
+@dataclass
+class RunSummary:
+    """The outcome of one run, returned by the flow and printed by the CLI."""
+
+    dataset: str
+    registry: str
+    release_dir: str
+    samples: int = 0
+    rejected: int = 0
+    rejected_by: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    shards_generated: int = 0
+    shards_reused: int = 0
+    samples_per_s: float | None = None
+    tag: str | None = None  # the release made, None when only staged
+    commit: str | None = None
+    push_retries: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    up_to_date: bool = False  # skipped: the latest release has these inputs (then `tag` is it)
