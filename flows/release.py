@@ -8,6 +8,7 @@ cluster without a code change.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -20,11 +21,13 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.context import refresh_global_settings_context
+from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from synthfactory import settings
 from synthfactory.live import FeedWriter
+from synthfactory.local_api import ensure_local_api
 from synthfactory.models import ModelError
 from synthfactory.progress import ShardProgress
 from synthfactory.recipe import Execution
@@ -39,6 +42,7 @@ from tasks.generate import generate_shard
 from tasks.release import materialize_release, publish_release, stage_release, validate_release
 
 settings.apply_offline_defaults()
+logger = logging.getLogger("synthfactory.flows")
 
 #: poll interval while back-pressure holds generation for a slow live reader
 READER_POLL_S = 0.5
@@ -54,9 +58,10 @@ def _run_name() -> str:
     return f"release-{Path(flow_run.parameters['recipe_path']).stem}"
 
 
-def task_runner_for(execution: Execution) -> TaskRunner:
+def task_runner_for(execution: Execution, shards_to_generate: int) -> TaskRunner:
     """The recipe's choice of where shards run. Models load once per worker process
-    (plug-ins are cached per process), whichever runner it is."""
+    (plug-ins are cached per process), whichever runner it is. One shard (or none: all
+    in the cache) runs in this process: a pool of processes would only add their start."""
     if execution.runner == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -66,16 +71,16 @@ def task_runner_for(execution: Execution) -> TaskRunner:
         return DaskTaskRunner(cluster_kwargs={
             "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
         })
-    if execution.runner == "thread":
-        return ThreadPoolTaskRunner(max_workers=execution.workers)
+    if execution.runner == "thread" or shards_to_generate <= 1:
+        return ThreadPoolTaskRunner(max_workers=execution.workers if shards_to_generate > 1 else 1)
     return ProcessPoolTaskRunner(max_workers=execution.workers)
 
 
-@flow(name="generate-shards", flow_run_name="generate-{job.recipe.name}")
-def generate_shards(job: ReleaseJob) -> list[ShardResult]:
-    """Fan the shards out over the task runner (all at once, or, while a live reader lags
-    by `max_unread_shards`, no more than it can take); each finished shard is announced
-    on the live feed at once. Shards the cache already holds return at once."""
+def generate_shards(job: ReleaseJob, runner: TaskRunner) -> list[ShardResult]:
+    """Fan the shards out over `runner` (all at once, or, while a live reader lags by
+    `max_unread_shards`, no more than it can take); each finished shard is announced on
+    the live feed at once. Shards the cache already holds return at once. The shard
+    tasks are the release run's own, so the UI shows them (and the progress) on it."""
     execution = job.execution
     generate = generate_shard.with_options(retries=execution.retries, retry_delay_seconds=execution.retry_delays())
     pending = deque(job.shard_keys)
@@ -88,11 +93,12 @@ def generate_shards(job: ReleaseJob) -> list[ShardResult]:
     in_flight: dict[Any, Any] = {}
     results: list[ShardResult] = []
     try:
-        with ShardProgress(job.recipe.name, len(pending)) as progress:
+        with runner, ShardProgress(job.recipe.name, len(pending)) as progress:
             while pending or in_flight:
                 while pending and not feed.must_wait(len(in_flight)):
                     plan, key = pending.popleft()
-                    in_flight[generate.submit(job.recipe, plan, job.cache, key)] = plan
+                    parameters = {"recipe": job.recipe, "plan": plan, "cache": job.cache, "key": key}
+                    in_flight[runner.submit(generate, parameters)] = plan
                 if not in_flight:
                     time.sleep(READER_POLL_S)
                     continue
@@ -154,10 +160,11 @@ def release_flow(
         discard(job)
         summary.tag, summary.up_to_date = current, True
         return summary
-    prefetch_gx()  # the ~4 s import overlaps generation
+    prefetch_gx()  # the gate process imports GX on another core while the shards generate
 
     started = time.perf_counter()
-    results = generate_shards.with_options(task_runner=task_runner_for(job.execution))(job)
+    to_generate = sum(job.cache.lookup(key) is None for _, key in job.shard_keys)
+    results = generate_shards(job, task_runner_for(job.execution, to_generate))
     run = RunStats.of(results, time.perf_counter() - started)
     summary.stage_seconds["generate"] = run.seconds
 
@@ -222,17 +229,21 @@ def run_release(
 
 @contextmanager
 def prefect_api() -> Iterator[None]:
-    """Use the configured Prefect API, or one local temporary server for the whole run.
-
-    Without this, each task-pool process would start its own temporary server (seconds
-    each) instead of reporting to the flow's.
-    """
+    """Use the configured Prefect API, else the local server (started in the background
+    if none runs, and kept for later runs: see `synthfactory.local_api`)."""
     if PREFECT_API_URL.value():
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()  # stopped at exit, after Prefect has flushed its logs and events
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
+    api_url, started = ensure_local_api()
+    logger.info("Prefect API: %s local server at %s (UI: %s)", "started a" if started else "the",
+                api_url, api_url.removesuffix("/api"))
+    # In the environment and Prefect's process-wide settings, not only this context's:
+    # shard worker processes and Prefect's own threads (log and event forwarding) must
+    # report here too, or each starts a temporary server of its own.
+    os.environ["PREFECT_API_URL"] = api_url
+    refresh_global_settings_context()
+    try:
         yield
+    finally:
+        del os.environ["PREFECT_API_URL"]
+        refresh_global_settings_context()

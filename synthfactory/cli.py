@@ -106,6 +106,9 @@ def run(
     ] = None,
 ) -> None:
     """Generate -> validate -> publish a release of RECIPE (a rerun resumes from finished shards)."""
+    from synthfactory.validation import prefetch_gx
+
+    prefetch_gx()  # GX imports on another core while the run starts and generates
     summary = _release(recipe, registry or _default_registry(), samples=samples, seed=seed, publish=publish,
                        workers=workers, overrides=overrides, dask_address=dask_address)
     _print_summary(summary)

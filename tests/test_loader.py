@@ -18,10 +18,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from test_release import write_recipe
+from conftest import write_recipe
 from torch.utils.data import DataLoader
 
-from synthfactory.generators import Sample, SampleSlot
+from synthfactory.generators import Sample
 from synthfactory.generators.procedural import ShapesGenerator
 from synthfactory.live import CONSUMERS_DIR, FeedWriter, live_dir
 from synthfactory.loader import DiskCache, LoaderError, consumer_index, consumer_share, iter_samples, load

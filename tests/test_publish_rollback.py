@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import write_recipe
 
 import synthfactory.release.gate
 from flows.release import run_release
@@ -53,12 +53,9 @@ def test_failed_push_rolls_back_exactly_and_a_rerun_publishes(tmp_path, prefect,
     registry = tmp_path / "factory"
     git(tmp_path, "clone", "--quiet", str(repo_root), str(registry))
     recipe = registry / "recipes" / "tiny.yaml"  # untracked, used in place
-    recipe.write_text(yaml.safe_dump({
-        "name": "tiny", "samples": 120, "shard_size": 60, "seed": 1,
-        "generator": {"kind": "procedural-shapes", "params": {"image_size": 32}},
-        "validation": {"balance_tolerance": None},
-        "execution": {"workers": 2, "retries": 1, "retry_backoff_s": 0.1},
-    }))
+    write_recipe(recipe, samples=120, seed=1, generator={"kind": "procedural-shapes", "params": {"image_size": 32}},
+                 validation={"balance_tolerance": None},
+                 execution={"runner": "thread", "workers": 2, "retries": 1, "retry_backoff_s": 0.1})
     assert run_release(str(recipe), str(registry)).tag == "tiny@v1"
     edited = registry / "synthfactory" / "shards.py"
     edited.write_text(edited.read_text() + "\n# work in progress\n")
@@ -115,12 +112,9 @@ def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monke
     monkeypatch.setattr(synthfactory.release.gate, "validate", validate_then_lose_s3_briefly)
     try:
         recipe = tmp_path / "tiny.yaml"
-        recipe.write_text(yaml.safe_dump({
-            "name": "tiny", "samples": 120, "shard_size": 60, "seed": 1,
-            "generator": {"kind": "procedural-shapes", "params": {"image_size": 32}},
-            "validation": {"balance_tolerance": None},
-            "execution": {"workers": 2, "retries": 4, "retry_backoff_s": 1.0},
-        }))
+        write_recipe(recipe, samples=120, seed=1, generator={"kind": "procedural-shapes", "params": {"image_size": 32}},
+                     validation={"balance_tolerance": None},
+                     execution={"runner": "thread", "workers": 2, "retries": 4, "retry_backoff_s": 1.0})
         summary = run_release(str(recipe), str(tmp_path / "registry"))
         assert outage and not outage[0].is_alive()  # the outage really happened, and ended
         assert summary.tag == "tiny@v1"

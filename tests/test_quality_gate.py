@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_recipe as recipe_file
 import yaml
 from PIL import Image
 
@@ -137,18 +138,16 @@ def test_dedup_against_the_previous_release():
 
 
 def write_recipe(path: Path, texts: list[str], samples: int, checks: list[dict], **extra) -> Path:
-    recipe = {
+    return recipe_file(path, **{
         "name": "notes",
         "generator": {"kind": "text-list", "params": {"texts": texts}},
         "samples": samples,
         "shard_size": max(1, samples // 2),
         "validation": {"caption_length": {"min": 1, "max": 400}, "min_accept_rate": 0.5},
-        "execution": {"workers": 1, "retries": 0},
+        "execution": {"runner": "thread", "workers": 1, "retries": 0},
         "checks": checks,
         **extra,
-    }
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
+    })
 
 
 def test_pii_is_rejected_counted_by_pattern_and_reported(tmp_path, prefect):

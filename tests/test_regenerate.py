@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import shapes_recipe
 import yaml
 from typer.testing import CliRunner
 
@@ -21,13 +22,13 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
-def shapes_recipe(name: str, seed: int) -> dict:
-    return {
-        "name": name, "samples": 60, "shard_size": 30, "seed": seed,
-        "generator": {"kind": "procedural-shapes", "params": {"image_size": 24, "classes": ["circle", "square"]}},
-        "validation": {"balance_tolerance": None, "caption_length": {"min": 5, "max": 200}},
-        "execution": {"workers": 1, "retries": 0},
-    }
+def two_shapes(name: str, seed: int) -> dict:
+    return shapes_recipe(
+        name, samples=60, shard_size=30, seed=seed,
+        generator={"kind": "procedural-shapes", "params": {"image_size": 24, "classes": ["circle", "square"]}},
+        validation={"balance_tolerance": None, "caption_length": {"min": 5, "max": 200}},
+        execution={"runner": "thread", "workers": 1, "retries": 0},
+    )
 
 
 @pytest.fixture
@@ -38,8 +39,8 @@ def factory(tmp_path) -> tuple[Path, Path]:
     DataRegistry.open(repo)
     recipes = repo / "recipes"
     recipes.mkdir()
-    (recipes / "alpha.yaml").write_text(yaml.safe_dump(shapes_recipe("alpha", 1)))
-    (recipes / "beta.yaml").write_text(yaml.safe_dump(shapes_recipe("beta", 2)))
+    (recipes / "alpha.yaml").write_text(yaml.safe_dump(two_shapes("alpha", 1)))
+    (recipes / "beta.yaml").write_text(yaml.safe_dump(two_shapes("beta", 2)))
     (recipes / "prompts.txt").write_text("".join(f"prompt number {i} about a topic\n" for i in range(30)))
     (recipes / "gamma.yaml").write_text(yaml.safe_dump({
         "name": "gamma", "samples": 30, "shard_size": 15,
@@ -77,7 +78,7 @@ def test_only_the_changed_recipe_is_released_and_pushed(factory, storage_env, pr
     # One recipe edited and committed, as a push to main would bring it.
     before = git(repo, "rev-parse", "HEAD").strip()
     beta = repo / "recipes" / "beta.yaml"
-    beta.write_text(yaml.safe_dump(shapes_recipe("beta", 3)))
+    beta.write_text(yaml.safe_dump(two_shapes("beta", 3)))
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-am", "reseed beta")
     output = regenerate(repo, "--since", before)
     assert "no input changed since" in output

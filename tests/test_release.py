@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import write_recipe
 
 from flows.release import run_release
 from synthfactory.registry import DataRegistry, dvc_executable
@@ -18,22 +19,6 @@ from synthfactory.release.verify import verify_release
 from synthfactory.storage import StorageConfig, StorageError, minio_client
 
 pytestmark = pytest.mark.slow
-
-
-def write_recipe(path: Path, **overrides) -> Path:
-    recipe = {
-        "name": "tiny",
-        "generator": {"kind": "procedural-shapes", "params": {"image_size": 32, "classes": ["circle", "square", "star"]}},
-        "samples": 240,
-        "shard_size": 60,
-        "seed": 7,
-        "validation": {"caption_length": {"min": 10, "max": 200}, "balance_tolerance": 0.15, "min_accept_rate": 0.9},
-        "execution": {"workers": 2, "retries": 2, "retry_backoff_s": 0.1},
-    }
-    for key, value in overrides.items():
-        recipe[key] = value
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def bucket_objects(storage: StorageConfig) -> list[str]:
@@ -99,8 +84,8 @@ def test_release_round_trip_through_s3(tmp_path, storage_env, prefect):
 
 
 def test_same_recipe_gives_the_same_bytes(tmp_path, prefect):
-    """Whatever the worker count and so the order shards finish in."""
-    recipe = write_recipe(tmp_path / "tiny.yaml")
+    """Whatever the worker count and so the order shards finish in, in worker processes."""
+    recipe = write_recipe(tmp_path / "tiny.yaml", execution={"runner": "process", "workers": 2, "retries": 0})
     outputs = []
     for run, workers in (("a", 1), ("b", 2)):
         summary = run_release(str(recipe), str(tmp_path / run), publish=False, workers=workers)

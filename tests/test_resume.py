@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import write_recipe as shapes_recipe_file
 
 from synthfactory.release.build import injected_fault, make_shard
 from synthfactory.recipe import load_recipe
@@ -29,19 +29,14 @@ DATA_FILES = ("shards", "rejected", "manifest.parquet", "rejected.parquet")
 SYNTHFACTORY = str(Path(sys.executable).with_name("synthfactory"))
 
 
-def write_recipe(path: Path, **overrides) -> Path:
-    recipe = {
-        "name": "kills",
+def write_recipe(path: Path, **fields) -> Path:
+    """16 shards; in threads unless `runner` is given (the kill mid-generation uses processes)."""
+    return shapes_recipe_file(path, **{
+        "samples": 1600, "shard_size": 100, "seed": 11,
         "generator": {"kind": "procedural-shapes", "params": {"image_size": 48, "classes": ["circle", "square", "star"]}},
-        "samples": 1600,
-        "shard_size": 100,
-        "seed": 11,
         "validation": {"caption_length": {"min": 10, "max": 200}, "balance_tolerance": 0.1, "min_accept_rate": 0.9},
-        "execution": {"workers": 2, "retries": 2, "retry_backoff_s": 0.1},
-        **overrides,
-    }
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+        **fields,
+    })
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -103,20 +98,10 @@ def test_injected_fault_rate_is_deterministic_and_near_the_rate():
 
 # -- real processes, killed -------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def prefect_url():
-    """One Prefect server for the module's CLI runs (each would otherwise start its own)."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
-def cli_env(storage, prefect_url: str, **extra: str) -> dict[str, str]:
+def cli_env(storage, api_url: str, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
-        "PREFECT_API_URL": prefect_url,
+        "PREFECT_API_URL": api_url,
         "SYNTHFACTORY_S3_ENDPOINT": storage.endpoint_url,
         "SYNTHFACTORY_S3_BUCKET": storage.bucket,
         "SYNTHFACTORY_S3_PREFIX": storage.prefix,
@@ -157,12 +142,12 @@ def bucket_objects(storage) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, prefect_url) -> dict[str, bytes]:
+def reference(tmp_path_factory, prefect) -> dict[str, bytes]:
     """The data of an uninterrupted run of the same recipe."""
     root = tmp_path_factory.mktemp("reference")
-    recipe = write_recipe(root / "kills.yaml")
+    recipe = write_recipe(root / "kills.yaml", execution={"runner": "thread", "workers": 2})
     proc = subprocess.run([SYNTHFACTORY, "run", str(recipe), "--registry", str(root / "registry"), "--no-publish"],
-                          env={**os.environ, "PREFECT_API_URL": prefect_url}, capture_output=True, text=True)
+                          env={**os.environ, "PREFECT_API_URL": prefect}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return data_bytes(root / "registry" / "data" / "kills")
 
@@ -172,10 +157,13 @@ KILL_POINTS = ["generation", "validate", "push", "pushed", "committed"]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", KILL_POINTS)
-def test_a_run_killed_anywhere_resumes_to_the_same_release(point, tmp_path, storage_env, prefect_url, reference):
-    recipe = write_recipe(tmp_path / "kills.yaml")
+def test_a_run_killed_anywhere_resumes_to_the_same_release(point, tmp_path, storage_env, prefect, reference):
+    # Killed mid-generation: the whole process group, shard worker processes included.
+    runner = "process" if point == "generation" else "thread"
+    recipe = write_recipe(tmp_path / "kills.yaml", execution={"runner": runner, "workers": 2, "retries": 2,
+                                                                "retry_backoff_s": 0.1})
     registry = tmp_path / "registry"
-    env = cli_env(storage_env, prefect_url)
+    env = cli_env(storage_env, prefect)
     crash = {"validate": "validate", "pushed": "pushed", "committed": "committed"}.get(point)
     proc = start_run(recipe, registry, {**env, "SYNTHFACTORY_CRASH_AT": crash} if crash else env)
     if point == "generation":  # a random moment once a few shards are durable

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import write_recipe as shapes_recipe_file
 
 from flows.release import run_release
 from synthfactory.release.build import injected_fault
@@ -17,19 +17,9 @@ from synthfactory.release.verify import verify_release
 pytestmark = pytest.mark.slow
 
 
-def write_recipe(path: Path, **overrides) -> Path:
-    recipe = {
-        "name": "scale",
-        "generator": {"kind": "procedural-shapes", "params": {"image_size": 32, "classes": ["circle", "square", "star"]}},
-        "samples": 400,
-        "shard_size": 50,
-        "seed": 3,
-        "validation": {"caption_length": {"min": 10, "max": 200}, "balance_tolerance": 0.15, "min_accept_rate": 0.9},
-        "execution": {"workers": 2, "retries": 2, "retry_backoff_s": 0.05},
-        **overrides,
-    }
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+def write_recipe(path: Path, **fields) -> Path:
+    execution = {"runner": "thread", "workers": 2, "retries": 2, "retry_backoff_s": 0.05}
+    return shapes_recipe_file(path, **{"samples": 400, "shard_size": 50, "seed": 3, "execution": execution, **fields})
 
 
 def data_files(release_dir: Path) -> dict[str, bytes]:

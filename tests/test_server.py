@@ -20,7 +20,8 @@ import yaml
 
 from synthfactory.registry import dvc_executable
 from synthfactory.release.verify import verify_release
-from synthfactory.s3server import daemon_config, free_ports, stop_daemon
+from synthfactory.daemons import free_ports
+from synthfactory.s3server import daemon_config, stop_daemon
 from synthfactory.server import Child, ServerError, read_prefect_file, supervise
 from synthfactory.storage import StorageConfig
 

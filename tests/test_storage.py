@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from synthfactory.s3server import ENV_FILE, PID_FILE, EmbeddedS3, daemon_config, free_ports, start_daemon, stop_daemon
+from synthfactory.daemons import free_ports
+from synthfactory.s3server import ENV_FILE, PID_FILE, EmbeddedS3, daemon_config, start_daemon, stop_daemon
 from synthfactory.storage import StorageConfig, StorageError, ensure_bucket, minio_client
 
 

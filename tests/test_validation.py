@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthfactory.validation import GateResult, GateSpec, prefetch_gx, validate_manifest
+from synthfactory import validation
+from synthfactory.validation import GateResult, GateSpec, prefetch_gx, validate_manifest, validate_staged
 
 LABELS = ("bird", "cat", "dog")
 ROWS = 300
@@ -23,8 +24,8 @@ SIZE = (64, 48)
 
 @pytest.fixture(scope="module", autouse=True)
 def gx_imported() -> None:
-    """Import GX once for the module, the way the flow does, so tests time only validation."""
-    prefetch_gx().join()
+    """Import GX once for the module, so tests time only validation."""
+    validation._load_gx()
     assert "great_expectations" in sys.modules
 
 
@@ -216,3 +217,23 @@ def test_manifest_is_not_retained_after_the_gate(tmp_path: Path) -> None:
     gc.collect()
 
     assert alive() is None
+
+
+def test_the_prefetched_gate_process_gives_the_in_process_verdict(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = balanced_labels()
+    labels[:40] = ["bird"] * 40  # skewed: the balance expectation fails
+    path = tmp_path / "manifest.parquet"
+    pq.write_table(pa.Table.from_pandas(make_manifest(labels), preserve_index=False), path)
+    expected = validate_manifest(make_manifest(labels), make_spec(), tmp_path / "here")
+
+    prefetch_gx()
+    assert validation._prefetched is not None
+    result = validate_staged(path, make_spec(), tmp_path / "there")
+
+    assert validation._prefetched is None  # used once
+    assert not result.success
+    assert [o.describe() for o in result.outcomes] == [o.describe() for o in expected.outcomes]
+    assert (tmp_path / "there" / "index.html").exists() and (tmp_path / "there" / "result.json").exists()

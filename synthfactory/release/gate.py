@@ -18,7 +18,7 @@ from synthfactory.release.job import ReleaseJob
 from synthfactory.release.report import render_report
 from synthfactory.release.summary import Staged
 from synthfactory.shards import CORE_COLUMNS
-from synthfactory.validation import GateResult, GateSpec, manifest_frame, quality_row, validate_manifest
+from synthfactory.validation import GateResult, GateSpec, quality_row, validate_staged
 
 
 class GateFailedError(RuntimeError):
@@ -45,9 +45,9 @@ def gate_spec(recipe: Recipe) -> GateSpec:
 def validate(job: ReleaseJob, staged: Staged) -> GateResult:
     """Run the GX gate on the staged manifest; write metrics (with the verdict), card,
     report and recipe beside it."""
-    table = pq.read_table(job.stage_dir / "manifest.parquet")
     spec = dataclasses.replace(gate_spec(job.recipe), metric_limits=staged.quality.limits)
-    gate = validate_manifest(manifest_frame(table), spec, job.stage_dir / "validation", quality_row(staged.quality.metrics))
+    gate = validate_staged(job.stage_dir / "manifest.parquet", spec, job.stage_dir / "validation",
+                           quality_row(staged.quality.metrics))
     crash_point("validate")
     metrics = {**staged.metrics,
                "validation": {"success": gate.success, "expectations": len(gate.outcomes), "failed": len(gate.failures)}}
@@ -57,7 +57,8 @@ def validate(job: ReleaseJob, staged: Staged) -> GateResult:
     card = render_card(job.recipe, metrics, verdict, job.code_files, job.inputs_fingerprint,
                        plugins.image_size() is not None, plugins.models())
     atomic_write(job.stage_dir / "README.md", card)
-    render_report(job.stage_dir, job.recipe.name, table, pq.read_table(job.stage_dir / "rejected.parquet"),
+    render_report(job.stage_dir, job.recipe.name, pq.read_table(job.stage_dir / "manifest.parquet"),
+                  pq.read_table(job.stage_dir / "rejected.parquet"),
                   metrics, staged.quality, verdict)
     atomic_write(job.stage_dir / "recipe.yaml", job.recipe.to_yaml())
     return gate
