@@ -22,6 +22,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.context import refresh_global_settings_context
+from prefect.exceptions import CancelledRun, FailedRun
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
@@ -30,19 +31,75 @@ from synthfactory.live import FeedWriter
 from synthfactory.local_api import ensure_local_api
 from synthfactory.models import ModelError
 from synthfactory.progress import ShardProgress
-from synthfactory.recipe import Execution
+from synthfactory.recipe import Execution, RecipeError
+from synthfactory.registry import RegistryError
 from synthfactory.release.build import ShardFailedError, ShardResult
 from synthfactory.release.gate import GateFailedError
 from synthfactory.release.job import ReleaseJob, ReleaseRequest, discard, latest_release_with_inputs, prepare
 from synthfactory.release.report import run_markdown
 from synthfactory.release.summary import RunStats, RunSummary
 from synthfactory.shards import SHARDS_DIR
+from synthfactory.storage import StorageError
 from synthfactory.validation import prefetch_gx
 from tasks.generate import generate_shard
 from tasks.release import materialize_release, publish_release, stage_release, validate_release
 
 settings.apply_offline_defaults()
 logger = logging.getLogger("synthfactory.flows")
+
+#: failures a user fixes from the message alone (bad input, a failed gate, storage, a
+#: shard that kept failing): logged as one line, never with a traceback
+EXPECTED_ERRORS = (RecipeError, ModelError, StorageError, RegistryError, GateFailedError, ShardFailedError)
+
+
+def _failure(record: logging.LogRecord) -> BaseException | None:
+    return record.exc_info[1] if record.exc_info else None
+
+
+def _one_line(record: logging.LogRecord, error: BaseException) -> None:
+    record.exc_info, record.exc_text = None, None
+    record.msg, record.args = "%s: %s", (type(error).__name__, error)
+    record.expected_failure = isinstance(error, EXPECTED_ERRORS)
+
+
+class OneLineErrors(logging.Filter):
+    """An expected failure is logged once, as its message: no traceback, and not again when
+    Prefect re-raises the failed state ("Engine execution exited ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = _failure(record)
+        if isinstance(error, (FailedRun, CancelledRun)):
+            return False
+        if isinstance(error, EXPECTED_ERRORS):
+            if str(record.msg).startswith("Engine execution exited"):
+                return False
+            _one_line(record, error)
+        return True
+
+
+class NoConsoleTracebacks(logging.Filter):
+    """For the terminal of `synthfactory run` (without --debug): the command prints an
+    expected failure itself, and any other error without its traceback (the run's logs
+    in the Prefect UI keep it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = _failure(record)
+        if isinstance(error, EXPECTED_ERRORS) or getattr(record, "expected_failure", False):
+            return False
+        if error is not None:
+            _one_line(record, error)
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_name).addFilter(OneLineErrors())
+
+
+def quiet_console() -> None:
+    """No tracebacks in the terminal; see `NoConsoleTracebacks`."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, NoConsoleTracebacks) for f in handler.filters):
+            handler.addFilter(NoConsoleTracebacks())
 
 #: poll interval while back-pressure holds generation for a slow live reader
 READER_POLL_S = 0.5

@@ -30,6 +30,7 @@ out = Console(soft_wrap=True)
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+Debug = Annotated[bool, typer.Option("--debug", help="show the tracebacks of failures (default: one line each)")]
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
@@ -59,9 +60,9 @@ def _existing_registry(path: Path | None):
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
 
 
-def _release(recipe: Path, registry: Path, **options: object) -> "RunSummary":
+def _release(recipe: Path, registry: Path, debug: bool = False, **options: object) -> "RunSummary":
     """Run the release flow, turning failures into one clear message (bad input: exit 2)."""
-    from flows.release import run_release
+    from flows.release import quiet_console, run_release
     from synthfactory.models import ModelError
     from synthfactory.recipe import RecipeError
     from synthfactory.registry import RegistryError
@@ -69,13 +70,15 @@ def _release(recipe: Path, registry: Path, **options: object) -> "RunSummary":
     from synthfactory.release.gate import GateFailedError
     from synthfactory.storage import StorageError
 
+    if not debug:
+        quiet_console()
     try:
         return run_release(str(recipe), str(registry), **options)  # type: ignore[arg-type]
     except (RecipeError, ModelError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     except (StorageError, GateFailedError, ShardFailedError, RegistryError) as exc:
         raise _fail(str(exc)) from None
-    except Exception as exc:  # a crashed worker, a bug: Prefect logged the traceback
+    except Exception as exc:  # a crashed worker, a bug: its traceback is in the run's logs (and with --debug, here)
         raise _fail(f"release of {recipe} failed: {type(exc).__name__}: {exc}") from None
 
 
@@ -104,12 +107,13 @@ def run(
     dask_address: Annotated[
         Optional[str], typer.Option(help="run the shards on this Dask scheduler, e.g. tcp://10.0.0.5:8786")
     ] = None,
+    debug: Debug = False,
 ) -> None:
     """Generate -> validate -> publish a release of RECIPE (a rerun resumes from finished shards)."""
     from synthfactory.validation import prefetch_gx
 
     prefetch_gx()  # GX imports on another core while the run starts and generates
-    summary = _release(recipe, registry or _default_registry(), samples=samples, seed=seed, publish=publish,
+    summary = _release(recipe, registry or _default_registry(), debug, samples=samples, seed=seed, publish=publish,
                        workers=workers, overrides=overrides, dask_address=dask_address)
     _print_summary(summary)
 
@@ -205,6 +209,7 @@ def regenerate(
     dry_run: Annotated[bool, typer.Option(help="list what would be released, release nothing")] = False,
     push: Annotated[bool, typer.Option(help="push the branch and new tags when the registry has the remote")] = True,
     remote: Annotated[str, typer.Option(help="git remote to push to")] = "origin",
+    debug: Debug = False,
 ) -> None:
     """Release the recipes whose inputs (recipe, files it reads, plug-in code) changed since
     their latest release, then push commits and tags: what CI runs on a push to main."""
@@ -229,7 +234,7 @@ def regenerate(
     tags, failures = [], []
     for d in (d for d in decisions if d.stale):
         try:
-            summary = _release(d.recipe, repo.root)
+            summary = _release(d.recipe, repo.root, debug)
         except typer.Exit:  # _release printed why; go on with the other recipes
             failures.append(d.dataset)
             continue
@@ -270,6 +275,7 @@ def tiny_models(
 def demo(
     samples: Annotated[Optional[int], typer.Option(help="override the demo recipe's sample count")] = None,
     registry: Annotated[Optional[Path], typer.Option(help="scratch registry (default: <data dir>/registry)")] = None,
+    debug: Debug = False,
 ) -> None:
     """The main job on embedded defaults: local S3 + local Prefect -> a release in a scratch clone.
 
@@ -302,7 +308,7 @@ def demo(
         subprocess.run(["git", "clone", "--quiet", str(factory), str(registry)], check=True)
     check_dir = Path(tempfile.mkdtemp(prefix="synthfactory-pull-"))
     try:
-        summary = _release(recipe, registry, samples=samples)
+        summary = _release(recipe, registry, debug, samples=samples)
         _print_summary(summary)
         tag, dataset = summary.tag, summary.dataset
         env = {**os.environ, **settings.resolve_storage().subprocess_env()}

@@ -21,6 +21,16 @@ from synthfactory.s3server import EmbeddedS3  # noqa: E402
 from synthfactory.storage import StorageConfig  # noqa: E402
 
 
+#: fixtures that start servers (S3, Prefect): a test using one is slow, and `make test-fast` leaves it out
+SERVER_FIXTURES = frozenset({"s3", "storage_env", "prefect", "own_s3"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Keep Prefect's database and any tool state out of the user's home and checkout;

@@ -114,3 +114,36 @@ def test_releases_validate_and_pull(tmp_path, storage_env, prefect, repo_root):
     corrupted = synthfactory("validate", str(tmp_path / "pulled"), cwd=tmp_path)
     assert corrupted.returncode == 1
     assert "does not match its sha256" in corrupted.stderr
+
+
+@pytest.mark.slow
+def test_runs_share_one_local_prefect_server_and_a_failed_gate_is_one_message(tmp_path, repo_root):
+    """No PREFECT_API_URL: the first run starts the local server, the next one reuses it;
+    a failed gate ends in the one error line, its bracketed examples intact, no traceback."""
+    import json
+    import os
+
+    from synthfactory.local_api import RECORD, stop_local_api
+
+    home = tmp_path / "data" / "prefect"
+    env = {"SYNTHFACTORY_DATA_DIR": str(tmp_path / "data"), "PREFECT_HOME": str(home), "PREFECT_API_URL": ""}
+    recipe = yaml.safe_load((repo_root / "recipes" / "shapes.yaml").read_text())
+    recipe.update(name="skewed", samples=20, shard_size=20)
+    path = tmp_path / "skewed.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    try:
+        first = synthfactory("run", str(path), "--registry", str(tmp_path / "registry"), "--no-publish", cwd=tmp_path,
+                             env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, **env})
+        server = json.loads((home / RECORD).read_text())
+        second = synthfactory("run", str(path), "--registry", str(tmp_path / "registry"), "--no-publish", cwd=tmp_path,
+                              env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, **env})
+        assert json.loads((home / RECORD).read_text()) == server  # the same server answered both
+    finally:
+        stop_local_api(home)
+    for result in (first, second):
+        assert result.returncode == 1, result.stderr
+        output = result.stdout + result.stderr
+        assert "Traceback" not in output and "temporary server" not in output
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith("error: validation gate failed for skewed")
+        assert "e.g. [label=" in result.stderr  # rich markup did not eat the example

@@ -299,6 +299,7 @@ def test_recipe_scheduler_replaces_the_models_own(tiny):
     assert len({s.files["png"] for s in first}) == 4
 
 
+@pytest.mark.slow
 def test_a_hub_id_loads_from_the_hf_cache_offline_pinned_to_its_commit(tiny, tmp_path):
     """The path real users take: a hub id already in HF_HUB_CACHE, HF_HUB_OFFLINE=1."""
     import os

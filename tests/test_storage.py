@@ -133,6 +133,7 @@ def test_env_file_errors_never_echo_the_line(tmp_path: Path) -> None:
         StorageConfig.from_env({"AWS_ACCESS_KEY_ID": "key"})
 
 
+@pytest.mark.slow
 def test_restart_keeps_objects(tmp_path: Path) -> None:
     server = EmbeddedS3(tmp_path / "seaweedfs")
     try:
@@ -148,6 +149,7 @@ def test_restart_keeps_objects(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_daemon_round_trip_keeps_credentials(tmp_path: Path) -> None:
     data_dir = tmp_path / "seaweedfs"
     try:
@@ -169,6 +171,7 @@ def test_daemon_round_trip_keeps_credentials(tmp_path: Path) -> None:
         stop_daemon(data_dir)
 
 
+@pytest.mark.slow
 def test_taken_port_fails_clearly_instead_of_moving(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
