@@ -108,6 +108,14 @@ READER_POLL_S = 0.5
 _PREPARED: ContextVar[ReleaseJob | None] = ContextVar("prepared_release_job", default=None)
 
 
+def _prepared_job(request: ReleaseRequest) -> ReleaseJob:
+    """The job the caller prepared for this request, else a fresh one. A function of the
+    module (not the ContextVar itself in the flow body): a process pool pickles the flow
+    function by value, with the globals it names, and a ContextVar cannot be pickled."""
+    prepared = _PREPARED.get()
+    return prepared if prepared is not None and prepared.request == request else prepare(request)
+
+
 def _run_name() -> str:
     """'release-shapes' rather than the recipe's full path, in the Prefect UI."""
     from prefect.runtime import flow_run
@@ -210,8 +218,7 @@ def release_flow(
         recipe_path, registry or settings.default_registry(), samples, seed, publish, tuple(overrides or ()), workers,
         dask_address, only_if_changed,
     )
-    prepared = _PREPARED.get()
-    job = prepared if prepared is not None and prepared.request == request else prepare(request)
+    job = _prepared_job(request)
     summary = RunSummary(job.recipe.name, str(job.registry.root), str(job.release_dir))
     if only_if_changed and (current := latest_release_with_inputs(job.registry, job.recipe.name, job.inputs_fingerprint)):
         discard(job)

@@ -13,12 +13,47 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import pkgutil
+from abc import ABC
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
+
+
+class PluginParams(BaseModel):
+    """Base of every plug-in's params model: unknown keys are recipe errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Plugin(ABC):
+    """What every plug-in has: params, its registry name, a version, the code its output
+    depends on, and the manifest columns it contributes."""
+
+    Params: ClassVar[type[PluginParams]]
+    #: the name the plug-in is registered under (set by `Registry.register`)
+    plugin_name: ClassVar[str]
+    #: bump when the output for the same params and seed changes
+    version: ClassVar[str]
+    #: modules besides the plug-in's own whose code shapes its output; hashed into every
+    #: shard's cache key, the release's dvc.yaml deps and its inputs fingerprint
+    code: ClassVar[tuple[str, ...]] = ()
+    #: manifest columns the plug-in contributes and their Arrow types (fixed schema = stable bytes)
+    columns: ClassVar[dict[str, pa.DataType]] = {}
+
+    def __init__(self, params: PluginParams) -> None:
+        self.params = params
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Any:
+        """Build from already-resolved params (as stored in a loaded recipe)."""
+        return cls(cls.Params.model_validate(params))
+
+    def preflight(self) -> None:
+        """Fail fast, before any shard runs, on inputs that cannot work (missing model weights)."""
 
 
 class PluginSpec(BaseModel):

@@ -25,32 +25,25 @@ from synthfactory.samples import Rejection, Sample
 
 #: release sub-directories: accepted samples, and samples a check refused (kept for inspection)
 SHARDS_DIR, REJECTED_DIR = "shards", "rejected"
-#: columns every manifest has, whatever the generator
-CORE_COLUMNS: dict[str, pa.DataType] = {
+#: what names a sample, in the manifest and in the list of rejected samples
+SAMPLE_ID_COLUMNS: dict[str, pa.DataType] = {
     "key": pa.string(),
     "shard": pa.string(),
     "index": pa.int64(),
     "seed": pa.int64(),
     "group": pa.string(),
     "caption": pa.string(),
+}
+#: columns every manifest has, whatever the generator
+CORE_COLUMNS: dict[str, pa.DataType] = {
+    **SAMPLE_ID_COLUMNS,
     "generator": pa.string(),
     "generator_version": pa.string(),
     "payload": pa.string(),
     "sha256": pa.string(),
     "bytes": pa.int64(),
 }
-REJECTED_SCHEMA = pa.schema(
-    {
-        "key": pa.string(),
-        "shard": pa.string(),
-        "index": pa.int64(),
-        "seed": pa.int64(),
-        "group": pa.string(),
-        "caption": pa.string(),
-        "stage": pa.string(),
-        "reason": pa.string(),
-    }
-)
+REJECTED_SCHEMA = pa.schema({**SAMPLE_ID_COLUMNS, "stage": pa.string(), "reason": pa.string()})
 
 
 def manifest_schema(*column_maps: Mapping[str, pa.DataType]) -> pa.Schema:

@@ -17,7 +17,7 @@ and the reason.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
 
-from synthfactory.plugins import Registry
+from synthfactory.plugins import Plugin, PluginParams, Registry
 from synthfactory.samples import Sample
 from synthfactory.shards import SHARDS_DIR, read_shard
 
@@ -35,10 +34,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-class CheckParams(BaseModel):
-    """Base of every check's params model: unknown keys are recipe errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class CheckParams(PluginParams):
+    """Base of every check's params model."""
 
 
 @dataclass(frozen=True)
@@ -49,30 +46,11 @@ class Verdict:
     reason: str | None = None
 
 
-class Check(ABC):
-    """What every check has: params, a registry name, a version, the columns it adds."""
+class Check(Plugin):
+    """What every check has besides a plug-in's: per-sample verdicts and column minimums."""
 
-    Params: ClassVar[type[CheckParams]]
-    plugin_name: ClassVar[str]
-    #: bump when the verdicts for the same params change
-    version: ClassVar[str]
-    #: modules besides the plug-in's own whose code shapes its verdicts; hashed into every
-    #: shard's cache key, the release's dvc.yaml deps and its inputs fingerprint
-    code: ClassVar[tuple[str, ...]] = ()
-    #: manifest columns the check adds, with their Arrow types
-    columns: ClassVar[dict[str, pa.DataType]] = {}
     #: True when the check reads the sample's image (a recipe without images is an error)
     needs_images: ClassVar[bool] = False
-
-    def __init__(self, params: CheckParams) -> None:
-        self.params = params
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "Check":
-        return cls(cls.Params.model_validate(params))
-
-    def preflight(self) -> None:
-        """Fail fast, before any shard runs, on inputs that cannot work (missing model weights)."""
 
     def check(self, samples: Sequence[Sample]) -> list[Verdict]:
         """Per-sample verdicts, in the shard task; by default no columns and no refusals."""

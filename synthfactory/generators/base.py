@@ -11,51 +11,28 @@ bytes, which is what makes releases reproducible and shards resumable.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
-
-from synthfactory.plugins import Registry
+from synthfactory.plugins import Plugin, PluginParams, Registry
 from synthfactory.samples import Rejection, Sample, SampleSlot
 
 
-class GeneratorParams(BaseModel):
-    """Base of every generator's params model: unknown keys are recipe errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class GeneratorParams(PluginParams):
+    """Base of every generator's params model."""
 
 
 class TransientGeneratorError(RuntimeError):
     """A failure worth retrying (flaky device, injected fault); the shard is retried."""
 
 
-class Generator(ABC):
+class Generator(Plugin):
     """Subclass, declare `Params`, `columns` and `version`, implement `generate`, register."""
 
-    Params: ClassVar[type[GeneratorParams]]
-    #: the name the generator is registered under (set by `GENERATORS.register`)
-    plugin_name: ClassVar[str]
-    #: bump when the output for the same params and seed changes
-    version: ClassVar[str]
-    #: modules besides the plug-in's own whose code shapes its output; hashed into every
-    #: shard's cache key, the release's dvc.yaml deps and its inputs fingerprint
-    code: ClassVar[tuple[str, ...]] = ()
-    #: the generator's own manifest columns and their Arrow types (fixed schema = stable bytes)
-    columns: ClassVar[dict[str, pa.DataType]] = {}
     #: for a chained generator, the params field holding the upstream generator's spec;
     #: the instance exposes the built upstream generator under the same attribute name
     upstream: ClassVar[str | None] = None
-
-    def __init__(self, params: GeneratorParams) -> None:
-        self.params = params
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "Generator":
-        """Build from already-resolved params (as stored in a loaded recipe)."""
-        return cls(cls.Params.model_validate(params))
 
     @abstractmethod
     def generate(self, slots: Sequence[SampleSlot]) -> Iterable[Sample | Rejection]:
@@ -66,9 +43,6 @@ class Generator(ABC):
         if self.upstream is None:
             return [self]
         return [self, *getattr(self, self.upstream).chain()]
-
-    def preflight(self) -> None:
-        """Fail fast, before any shard runs, on inputs that cannot work (missing model weights)."""
 
     def outputs_per_slot(self) -> int:
         """Samples each slot yields when nothing is rejected (k images per caption)."""

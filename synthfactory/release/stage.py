@@ -24,7 +24,7 @@ from synthfactory.release.bundle import PluginBundle
 from synthfactory.release.job import ReleaseJob
 from synthfactory.release.shard_cache import ShardCache
 from synthfactory.release.summary import Quality, RunStats, Staged
-from synthfactory.shards import REJECTED_DIR, REJECTED_SCHEMA, fragment_path, parquet_bytes, set_aside
+from synthfactory.shards import REJECTED_DIR, REJECTED_SCHEMA, SAMPLE_ID_COLUMNS, fragment_path, parquet_bytes, set_aside
 from synthfactory.storage import StorageError
 
 
@@ -93,7 +93,7 @@ def judge_dataset(
 
 def _rejected_rows(refused: pa.Table, stage: str, reasons: dict[str, str]) -> pa.Table:
     keys = refused.column("key").to_pylist()
-    columns = {name: refused.column(name) for name in ("key", "shard", "index", "seed", "group", "caption")}
+    columns = {name: refused.column(name) for name in SAMPLE_ID_COLUMNS}
     return pa.table(
         {**columns, "stage": [stage] * len(keys), "reason": [reasons[k] for k in keys]}, schema=REJECTED_SCHEMA
     )
