@@ -309,5 +309,16 @@ def prefect_api() -> Iterator[None]:
     try:
         yield
     finally:
+        drain_prefect_workers()
         del os.environ["PREFECT_API_URL"]
         refresh_global_settings_context()
+
+
+def drain_prefect_workers() -> None:
+    """Send the logs and events Prefect still queues while its API is known: drained at
+    exit instead, they would find no API and start a temporary server to send them to."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10, at_exit=False)
+    EventsWorker.drain_all(timeout=10, at_exit=False)

@@ -81,6 +81,11 @@ class Execution(_Strict):
         return [self.retry_backoff_s * 2**attempt for attempt in range(self.retries)]
 
 
+#: the most shards one recipe may plan: every shard has a plan and a cache key held in
+#: memory for the run (about 270 bytes each), and one task run
+MAX_SHARDS = 100_000
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="dataset name, used in paths and tags")
     description: str = ""
@@ -96,6 +101,15 @@ class Recipe(_Strict):
     @property
     def shard_count(self) -> int:
         return -(-self.samples // self.shard_size)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "Recipe":
+        if self.shard_count > MAX_SHARDS:
+            raise ValueError(
+                f"samples {self.samples} in shards of shard_size {self.shard_size} make {self.shard_count} shards, "
+                f"more than {MAX_SHARDS}: raise shard_size"
+            )
+        return self
 
     def input_files(self) -> list[str]:
         """Files the recipe's plug-ins read, relative to the recipe (params `file` / `*_file`)."""
@@ -229,7 +243,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         elif not isinstance(node, dict):
             raise RecipeError(f"--set {path}: {'.'.join(keys[:depth])} is not a mapping")
         if last:
-            node[key] = yaml.safe_load(text)
+            try:
+                node[key] = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                raise RecipeError(f"--set {path}: the value {text!r} is not valid YAML: {problem}") from None
         else:
             node = node[key] if isinstance(node, list) else node.setdefault(key, {})
 

@@ -171,6 +171,15 @@ def fragment_path(fragments_dir: Path, shard: str, kind: str) -> Path:
     return fragments_dir / f"{Path(shard).stem}.{kind}.parquet"
 
 
+#: the largest file of one sample a shard may hold: a member is read whole into memory,
+#: so a damaged or hostile shard must not name a size the reader would try to hold
+MAX_MEMBER_BYTES = 1 << 30
+
+
+class ShardFormatError(ValueError):
+    """A shard that breaks the format's limits; the message names the member."""
+
+
 def read_shard(source: Path | BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) per sample, grouping consecutive members like WebDataset.
     `source` is a path or a binary stream (S3, a cache file), read front to back once."""
@@ -185,6 +194,8 @@ def read_shard(source: Path | BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]
                 yield key, files
                 files = {}
             key = stem
+            if member.size > MAX_MEMBER_BYTES:
+                raise ShardFormatError(f"shard member {member.name} holds {member.size} bytes, more than {MAX_MEMBER_BYTES}")
             files[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
     if key is not None:
         yield key, files

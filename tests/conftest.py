@@ -78,12 +78,14 @@ def prefect() -> Iterator[str]:
     database, migrated once per session), also for the CLI processes tests start; yields its URL."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows.release import drain_prefect_workers
     from synthfactory.local_api import ensure_local_api
 
     api_url, _ = ensure_local_api()
     os.environ["PREFECT_API_URL"] = api_url
     with temporary_settings({PREFECT_API_URL: api_url}):
         yield api_url
+        drain_prefect_workers()
 
 
 @pytest.fixture

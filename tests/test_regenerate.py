@@ -103,3 +103,28 @@ def test_only_the_changed_recipe_is_released_and_pushed(factory, storage_env, pr
     assert (skipped.dataset, skipped.tag, skipped.up_to_date) == ("alpha", "alpha@v1", True)
     assert tags(repo) == ["alpha@v1", "beta@v1", "beta@v2", "gamma@v1", "gamma@v2"]
     assert not list((repo / ".synthfactory" / "work").iterdir())
+
+
+def test_since_sees_files_with_spaces_and_non_ascii_names_and_takes_refs_only(factory):
+    """`git diff --name-only` quotes such names and splitting on whitespace breaks them;
+    a ref starting with `--` must not become a git option (`--output` writes a file)."""
+    repo, _ = factory
+    recipes = repo / "recipes"
+    (recipes / "märz prompts.txt").write_text("".join(f"spring prompt {i} about a topic\n" for i in range(30)))
+    (recipes / "delta.yaml").write_text(yaml.safe_dump({
+        "name": "delta", "samples": 30, "shard_size": 15,
+        "generator": {"kind": "text-list", "params": {"file": "märz prompts.txt"}},
+    }))
+    git(repo, "add", "recipes")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "delta")
+    (recipes / "märz prompts.txt").write_text("".join(f"summer prompt {i} about a topic\n" for i in range(30)))
+    registry = DataRegistry(repo)
+
+    reasons = {d.dataset: d.reason for d in decide(registry, recipe_paths(registry), since="HEAD")}
+    assert reasons == {"alpha": "no input changed since HEAD", "beta": "no input changed since HEAD",
+                       "gamma": "no input changed since HEAD", "delta": "never released"}
+
+    written = repo / "written-by-git.txt"
+    result = CliRunner().invoke(app, ["regenerate", "--registry", str(repo), f"--since=--output={written}"])
+    assert result.exit_code == 2, result.output
+    assert "not a commit" in result.output and not written.exists()

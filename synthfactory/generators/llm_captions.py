@@ -54,7 +54,7 @@ class ConceptSource(_Input):
         if not self.concepts:
             if self.file is None:
                 raise ValueError("give `concepts` or a `file` of concept names")
-            object.__setattr__(self, "concepts", read_lines(self.file, info))
+            object.__setattr__(self, "concepts", read_lines("file", self.file, info))
             if not self.concepts:
                 raise ValueError(f"{self.file} holds no concept names")
         return self
@@ -119,9 +119,9 @@ class LLMCaptionParams(GeneratorParams, models.ModelSettings):
     @model_validator(mode="after")
     def _inputs(self, info: ValidationInfo) -> "LLMCaptionParams":
         if not self.backgrounds and self.backgrounds_file:
-            object.__setattr__(self, "backgrounds", read_lines(self.backgrounds_file, info))
+            object.__setattr__(self, "backgrounds", read_lines("backgrounds_file", self.backgrounds_file, info))
         if not self.examples and self.examples_file:
-            examples = tuple(Example.model_validate(item) for item in read_yaml_list(self.examples_file, info))
+            examples = tuple(Example.model_validate(item) for item in read_yaml_list("examples_file", self.examples_file, info))
             object.__setattr__(self, "examples", examples)
         for template in self.templates:
             have = sum(example.template == template.name for example in self.examples)

@@ -19,7 +19,7 @@ class TextListParams(GeneratorParams):
     @model_validator(mode="after")
     def _load(self, info: ValidationInfo) -> "TextListParams":
         if not self.texts and self.file:
-            object.__setattr__(self, "texts", read_lines(self.file, info))
+            object.__setattr__(self, "texts", read_lines("file", self.file, info))
         if not self.texts:
             raise ValueError("give `texts` or a non-empty `file`")
         return self

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synthfactory.recipe import Recipe, load_recipe
-from synthfactory.registry import DataRegistry
+from synthfactory.registry import DataRegistry, RegistryError
 from synthfactory.release.bundle import plugins_of
 from synthfactory.release.fingerprint import CodeFile, code_files, code_version, inputs_fingerprint
 from synthfactory.release.job import latest_release_with_inputs, recipe_locations
@@ -40,8 +40,14 @@ def dependencies(recipe: Recipe, recipe_path: Path, registry: DataRegistry, code
 
 
 def changed_since(registry: DataRegistry, ref: str) -> set[str]:
-    """Files that differ between `ref` and the working tree (committed or not)."""
-    return set(registry.git("diff", "--name-only", ref, "--").split())
+    """Files that differ between `ref` and the working tree (committed or not). `ref` is
+    resolved to a commit first and passed after --end-of-options, so a ref like
+    `--output=FILE` stays a ref; names come NUL-separated, unquoted (spaces, non-ASCII)."""
+    try:
+        commit = registry.git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}").strip()
+    except RegistryError:
+        raise RegistryError(f"--since {ref!r}: not a commit in {registry.root}") from None
+    return {name for name in registry.git("diff", "-z", "--name-only", "--end-of-options", commit, "--").split("\0") if name}
 
 
 def decide(registry: DataRegistry, recipes: list[Path], since: str | None = None) -> list[Decision]:

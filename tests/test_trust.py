@@ -1,0 +1,97 @@
+"""Hostile input is refused before anything is written: recipes and `--set` values
+(a Prefect UI parameter) are untrusted."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from synthfactory.cli import app
+from synthfactory.generators.inputs import MAX_INPUT_BYTES
+from synthfactory.recipe import RecipeError, load_recipe
+
+
+def text_recipe(tmp_path: Path, file: str) -> Path:
+    recipe = tmp_path / "recipes" / "texts.yaml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    (recipe.parent / "prompts.txt").write_text("a red cube\na blue ball\n")
+    recipe.write_text(yaml.safe_dump({
+        "name": "texts", "samples": 4, "shard_size": 2,
+        "generator": {"kind": "text-list", "params": {"file": file}},
+    }))
+    return recipe
+
+
+def test_an_input_file_in_the_recipes_directory_is_read(tmp_path):
+    recipe = load_recipe(text_recipe(tmp_path, "prompts.txt"))
+    assert recipe.generator.params["texts"] == ["a red cube", "a blue ball"]
+
+
+@pytest.mark.parametrize(
+    ("file", "problem"),
+    [
+        ("/proc/self/environ", "must be a path inside the recipe's directory"),
+        ("../../etc/hostname", "must be a path inside the recipe's directory"),
+        ("/dev/zero", "must be a path inside the recipe's directory"),
+        ("leak.txt", "must be a path inside the recipe's directory"),  # a symlink out
+        ("pipe", "is not a regular file"),
+        ("huge.txt", f"more than the {MAX_INPUT_BYTES}"),
+        ("missing.txt", "cannot read 'missing.txt'"),
+    ],
+)
+def test_input_files_outside_the_recipe_or_not_plain_files_are_refused_naming_field_and_path(tmp_path, file, problem):
+    recipe = text_recipe(tmp_path, file)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("AWS_SECRET_ACCESS_KEY=hunter2\n")
+    (recipe.parent / "leak.txt").symlink_to(secret)
+    os.mkfifo(recipe.parent / "pipe")
+    with (recipe.parent / "huge.txt").open("wb") as huge:
+        huge.truncate(MAX_INPUT_BYTES + 1)
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(recipe)
+    message = str(refused.value)
+    assert "generator.params: file: " in message and repr(file) in message and problem in message
+    assert "hunter2" not in message
+
+
+def test_an_override_reading_the_workers_environment_exits_2_and_writes_nothing(tmp_path):
+    """`overrides` is editable in the Prefect UI: it must not publish /proc/self/environ."""
+    recipe = text_recipe(tmp_path, "prompts.txt")
+    registry = tmp_path / "registry"
+    result = CliRunner().invoke(app, [
+        "run", str(recipe), "--registry", str(registry), "--no-publish",
+        "--set", "generator.params.file=/proc/self/environ",
+    ])
+    assert result.exit_code == 2, result.output
+    assert "generator.params.file" in " ".join(result.output.split()) or "file: '/proc/self/environ'" in result.output
+    assert not registry.exists()
+
+
+def test_a_recipe_planning_more_shards_than_the_cap_is_refused_before_planning(tmp_path):
+    recipe = text_recipe(tmp_path, "prompts.txt")
+    with pytest.raises(RecipeError, match=r"samples 1000000000 in shards of shard_size 1 make 1000000000 shards, more than 100000"):
+        load_recipe(recipe, samples=1_000_000_000, overrides=["shard_size=1"])
+
+
+def test_a_set_value_that_is_not_yaml_exits_2_naming_the_override(tmp_path):
+    recipe = text_recipe(tmp_path, "prompts.txt")
+    registry = tmp_path / "registry"
+    result = CliRunner().invoke(app, ["run", str(recipe), "--registry", str(registry), "--no-publish",
+                                      "--set", "generator.params.texts=[a, b"])
+    assert result.exit_code == 2, result.output
+    assert "--set generator.params.texts: the value '[a, b' is not valid YAML" in " ".join(result.output.split())
+    assert not registry.exists()
+
+
+def test_a_shard_member_over_the_size_cap_is_refused_not_read(tmp_path, monkeypatch):
+    from synthfactory import shards
+
+    shard = tmp_path / "big.tar"
+    shard.write_bytes(shards.tar_bytes([("000000", {"txt": b"x" * 64})]))
+    monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", 63)
+    with pytest.raises(shards.ShardFormatError, match=r"000000.txt holds 64 bytes, more than 63"):
+        list(shards.read_shard(shard))
