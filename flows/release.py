@@ -219,7 +219,7 @@ def release_flow(
         dask_address, only_if_changed,
     )
     job = _prepared_job(request)
-    summary = RunSummary(job.recipe.name, str(job.registry.root), str(job.release_dir))
+    summary = RunSummary(job.recipe.name, str(job.registry.root), str(job.release_dir), store=job.store)
     if only_if_changed and (current := latest_release_with_inputs(job.registry, job.recipe.name, job.inputs_fingerprint)):
         discard(job)
         summary.tag, summary.up_to_date = current, True

@@ -65,7 +65,7 @@ def _release(recipe: Path, registry: Path, debug: bool = False, **options: objec
     from flows.release import quiet_console, run_release
     from synthfactory.models import ModelError
     from synthfactory.recipe import RecipeError
-    from synthfactory.registry import RegistryError
+    from synthfactory.registry import RegistryError, RegistryPathError
     from synthfactory.release.build import ShardFailedError
     from synthfactory.release.gate import GateFailedError
     from synthfactory.storage import StorageError
@@ -74,7 +74,7 @@ def _release(recipe: Path, registry: Path, debug: bool = False, **options: objec
         quiet_console()
     try:
         return run_release(str(recipe), str(registry), **options)  # type: ignore[arg-type]
-    except (RecipeError, ModelError) as exc:
+    except (RecipeError, ModelError, RegistryPathError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     except (StorageError, GateFailedError, ShardFailedError, RegistryError) as exc:
         raise _fail(str(exc)) from None
@@ -90,6 +90,8 @@ def _print_summary(summary: "RunSummary") -> None:
         f"{summary.shards_reused} reused) -> {escape(summary.release_dir)}",
         highlight=False,
     )
+    if summary.store and summary.tag:
+        out.print(f"pushed to {escape(summary.store)}", highlight=False)
 
 
 @app.command()

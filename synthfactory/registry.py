@@ -47,6 +47,10 @@ class RegistryError(RuntimeError):
     """A git or DVC step failed; the message has the command and its error output."""
 
 
+class RegistryPathError(RegistryError):
+    """The path given as a registry cannot be one (bad input, not a failed step)."""
+
+
 @dataclass(frozen=True)
 class Release:
     dataset: str
@@ -92,7 +96,10 @@ class DataRegistry:
             cls.existing(path)
         registry = cls(path)
         if not path.exists():
-            path.mkdir(parents=True)
+            try:
+                path.mkdir(parents=True)
+            except OSError as exc:
+                raise RegistryPathError(f"cannot create registry {path}: {exc.strerror or exc}") from None
             registry.git("init", "--quiet", "--initial-branch=main")
         if not (path / ".dvc").exists():
             registry.dvc("init")
@@ -112,7 +119,7 @@ class DataRegistry:
             ["git", "rev-parse", "--show-toplevel"], cwd=path, capture_output=True, text=True
         ) if path.is_dir() else None
         if proc is None or proc.returncode != 0 or Path(proc.stdout.strip()).resolve() != path:
-            raise RegistryError(
+            raise RegistryPathError(
                 f"registry {path} is not the top of a git repository: give a repo's root, or a new path to create one"
             )
         return cls(path)

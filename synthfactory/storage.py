@@ -38,7 +38,9 @@ ENV_FILE_VAR = "SYNTHFACTORY_ENV_FILE"
 ACCESS_KEY_VAR = "AWS_ACCESS_KEY_ID"
 SECRET_KEY_VAR = "AWS_SECRET_ACCESS_KEY"
 #: setting any of these means "use this S3", never the embedded fallback
-EXPLICIT_VARS = (ENDPOINT_VAR, BUCKET_VAR, ENV_FILE_VAR)
+#: any of these set means "my own S3": AWS keys alone mean AWS (no endpoint), never the
+#: embedded server, whose loopback endpoint would go into the release's .dvc/config
+EXPLICIT_VARS = (ENDPOINT_VAR, BUCKET_VAR, ENV_FILE_VAR, ACCESS_KEY_VAR)
 REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 
 DEFAULT_BUCKET = "synthfactory"

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from synthfactory.s3server import EmbeddedS3  # noqa: E402
-from synthfactory.storage import StorageConfig  # noqa: E402
+from synthfactory.storage import EXPLICIT_VARS, PREFIX_VAR, REGION_VARS, SECRET_KEY_VAR, StorageConfig  # noqa: E402
 
 
 #: fixtures that start servers (S3, Prefect): a test using one is slow, and `make test-fast` leaves it out
@@ -38,10 +38,12 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     from synthfactory.local_api import stop_local_api
 
     home = tmp_path_factory.mktemp("home")
-    saved = {name: os.environ.get(name) for name in ("PREFECT_HOME", "SYNTHFACTORY_DATA_DIR", "PREFECT_API_URL")}
+    storage = (*EXPLICIT_VARS, SECRET_KEY_VAR, PREFIX_VAR, *REGION_VARS)  # a developer's own S3 stays out
+    saved = {name: os.environ.get(name) for name in ("PREFECT_HOME", "SYNTHFACTORY_DATA_DIR", "PREFECT_API_URL", *storage)}
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["SYNTHFACTORY_DATA_DIR"] = str(home / "data")
-    os.environ.pop("PREFECT_API_URL", None)
+    for name in ("PREFECT_API_URL", *storage):
+        os.environ.pop(name, None)
     yield
     stop_local_api(home / "prefect")
     for name, value in saved.items():

@@ -91,6 +91,7 @@ def test_releases_validate_and_pull(tmp_path, storage_env, prefect, repo_root):
     ran = synthfactory("run", str(path), "--registry", str(registry), cwd=tmp_path, env=env)
     assert ran.returncode == 0, ran.stderr
     assert "cli@v1: 300 samples" in ran.stdout
+    assert f"pushed to s3://{os.environ['SYNTHFACTORY_S3_BUCKET']}/{os.environ['SYNTHFACTORY_S3_PREFIX']} at {os.environ['SYNTHFACTORY_S3_ENDPOINT']}" in ran.stdout
 
     listed = synthfactory("releases", "--registry", str(registry), cwd=tmp_path)
     assert listed.returncode == 0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,31 @@ def test_a_shard_member_over_the_size_cap_is_refused_not_read(tmp_path, monkeypa
     monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", 63)
     with pytest.raises(shards.ShardFormatError, match=r"000000.txt holds 64 bytes, more than 63"):
         list(shards.read_shard(shard))
+
+
+@pytest.mark.parametrize("kind", ["a file", "a plain directory", "a subdirectory of a repo", "under a file"])
+def test_a_registry_path_that_cannot_be_a_registry_exits_2_and_creates_nothing(tmp_path, kind):
+    recipe = text_recipe(tmp_path, "prompts.txt")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "repo" / "sub").mkdir(parents=True)
+    subprocess.run(["git", "init", "--quiet", str(tmp_path / "repo")], check=True)
+    path = {"a file": "afile", "a plain directory": "plain", "a subdirectory of a repo": "repo/sub",
+            "under a file": "afile/registry"}[kind]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if ".git" not in p.parts)
+    result = CliRunner().invoke(app, ["run", str(recipe), "--registry", str(tmp_path / path), "--no-publish"])
+    assert result.exit_code == 2, result.output
+    assert str(tmp_path / path) in " ".join(result.output.replace("\n", "").split())
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if ".git" not in p.parts) == before
+
+
+def test_aws_keys_without_an_endpoint_mean_aws_not_the_embedded_server(monkeypatch):
+    """The README's way to use AWS; the embedded server's loopback endpoint must never be
+    committed into a release's .dvc/config by accident."""
+    from synthfactory import settings
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example-secret")
+    storage = settings.resolve_storage()
+    assert storage.endpoint_url is None and storage.location == "AWS S3 (us-east-1)"
+    assert storage.remote_url == "s3://synthfactory/dvcstore"

@@ -68,6 +68,7 @@ class ReleaseJob:
     code: tuple[CodeFile, ...]  # (source file the bytes depend on, its path inside the registry)
     work_dir: Path
     code_version: str  # hash of the code files: part of every shard's cache key
+    store: str = ""  # where a publishing run pushes ("s3://bucket/prefix at endpoint"), "" when not
 
     @property
     def plugins(self) -> PluginBundle:
@@ -145,8 +146,11 @@ def prepare(request: ReleaseRequest) -> ReleaseJob:
     execution = execution_for(recipe, request.workers, request.dask_address)
     plugins = plugins_of(recipe)
     plugins.preflight()
+    store = ""
     if request.publish:
-        ensure_bucket(settings.resolve_storage())
+        storage = settings.resolve_storage()
+        ensure_bucket(storage)
+        store = f"{storage.remote_url} at {storage.location}"
     registry = DataRegistry.open(Path(request.registry))
     recipe_source = Path(request.recipe_path).resolve()
     recipe_file, inputs = recipe_locations(recipe, recipe_source, registry)
@@ -156,7 +160,7 @@ def prepare(request: ReleaseRequest) -> ReleaseJob:
     (work_dir / OWNER_FILE).write_text(str(os.getpid()))
     code = code_files(plugins.plugins)
     return ReleaseJob(request, recipe, execution, registry, recipe_source, recipe_file, inputs, code, work_dir,
-                      code_version(code))
+                      code_version(code), store)
 
 
 def recipe_locations(recipe: Recipe, recipe_source: Path, registry: DataRegistry) -> tuple[str, tuple[CodeFile, ...]]:

@@ -79,6 +79,7 @@ class RunSummary:
     shards_reused: int = 0
     samples_per_s: float | None = None
     tag: str | None = None  # the release made, None when only staged
+    store: str = ""  # where it was pushed ("s3://bucket/prefix at endpoint")
     commit: str | None = None
     push_retries: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
