@@ -203,7 +203,7 @@ def release_flow(
     overrides: list[str] | None = None,
     workers: int | None = None,
     dask_address: str | None = None,
-    only_if_changed: bool = False,
+    force: bool = False,
 ) -> RunSummary:
     """Turn a recipe into a gated release in `registry` (tagged and pushed when `publish`).
 
@@ -211,16 +211,18 @@ def release_flow(
     deployment's checkout). `overrides` are `FIELD.PATH=VALUE` edits of the recipe, as
     `synthfactory run --set`. `workers` and `dask_address` (an existing Dask scheduler,
     e.g. tcp://10.0.0.5:8786) change where shards run, not what they hold.
-    `only_if_changed` skips the run when the latest release already has these inputs
-    (a schedule then tags only real changes).
+    A publishing run whose inputs (recipe, files it reads, plug-in code) equal the
+    latest release's reports that release as current and tags nothing new, unless
+    `force`: a schedule tags only real changes, and a rerun after a crash past the tag
+    does not publish a duplicate.
     """
     request = ReleaseRequest(
         recipe_path, registry or settings.default_registry(), samples, seed, publish, tuple(overrides or ()), workers,
-        dask_address, only_if_changed,
+        dask_address, force,
     )
     job = _prepared_job(request)
     summary = RunSummary(job.recipe.name, str(job.registry.root), str(job.release_dir), store=job.store)
-    if only_if_changed and (current := latest_release_with_inputs(job.registry, job.recipe.name, job.inputs_fingerprint)):
+    if publish and not force and (current := latest_release_with_inputs(job.registry, job.recipe.name, job.inputs_fingerprint)):
         discard(job)
         summary.tag, summary.up_to_date = current, True
         return summary
@@ -278,10 +280,12 @@ def run_release(
     workers: int | None = None,
     overrides: list[str] | tuple[str, ...] | None = None,
     dask_address: str | None = None,
+    force: bool = False,
 ) -> RunSummary:
     """Check the inputs, then run the flow (on the configured Prefect API, else a local
     one). Bad input fails here, before Prefect starts."""
-    request = ReleaseRequest(recipe_path, registry, samples, seed, publish, tuple(overrides or ()), workers, dask_address)
+    request = ReleaseRequest(recipe_path, registry, samples, seed, publish, tuple(overrides or ()), workers, dask_address,
+                             force)
     job = prepare(request)
     token = _PREPARED.set(job)
     try:

@@ -83,6 +83,10 @@ def _release(recipe: Path, registry: Path, debug: bool = False, **options: objec
 
 
 def _print_summary(summary: "RunSummary") -> None:
+    if summary.up_to_date:
+        out.print(f"[bold green]{escape(str(summary.tag))}[/] is current: it was made from these inputs "
+                  "(recipe, files, code); nothing new tagged (--force releases again)", highlight=False)
+        return
     out.print(
         f"[bold green]{escape(summary.tag or 'staged (not published)')}[/]: {summary.samples} samples, "
         f"{summary.rejected} rejected, {summary.retries} shard retries, "
@@ -109,14 +113,16 @@ def run(
     dask_address: Annotated[
         Optional[str], typer.Option(help="run the shards on this Dask scheduler, e.g. tcp://10.0.0.5:8786")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="release even if the latest release has these inputs")] = False,
     debug: Debug = False,
 ) -> None:
-    """Generate -> validate -> publish a release of RECIPE (a rerun resumes from finished shards)."""
+    """Generate -> validate -> publish a release of RECIPE (a rerun resumes from finished shards;
+    inputs equal to the latest release's report it as current and tag nothing)."""
     from synthfactory.validation import prefetch_gx
 
     prefetch_gx()  # GX imports on another core while the run starts and generates
     summary = _release(recipe, registry or _default_registry(), debug, samples=samples, seed=seed, publish=publish,
-                       workers=workers, overrides=overrides, dask_address=dask_address)
+                       workers=workers, overrides=overrides, dask_address=dask_address, force=force)
     _print_summary(summary)
 
 

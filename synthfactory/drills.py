@@ -3,7 +3,8 @@
 ``SYNTHFACTORY_CRASH_AT=<point>`` makes the process SIGKILL itself when it reaches that
 point (no clean-up, no finally blocks: what a preempted node or the OOM killer does).
 Points: ``validate`` (gate evaluated, nothing written), ``pushed`` (data in S3, not yet
-committed), ``committed`` (release commit made, not yet tagged).
+committed), ``committed`` (release commit made, not yet tagged), ``tagged`` (tagged, the
+clean-up not done).
 """
 
 from __future__ import annotations

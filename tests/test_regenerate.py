@@ -99,7 +99,7 @@ def test_only_the_changed_recipe_is_released_and_pushed(factory, storage_env, pr
     assert "release" not in regenerate(repo, "--dry-run").split()
     from flows.release import release_flow
 
-    skipped = release_flow(recipe_path=str(repo / "recipes" / "alpha.yaml"), registry=str(repo), only_if_changed=True)
+    skipped = release_flow(recipe_path=str(repo / "recipes" / "alpha.yaml"), registry=str(repo))
     assert (skipped.dataset, skipped.tag, skipped.up_to_date) == ("alpha", "alpha@v1", True)
     assert tags(repo) == ["alpha@v1", "beta@v1", "beta@v2", "gamma@v1", "gamma@v2"]
     assert not list((repo / ".synthfactory" / "work").iterdir())

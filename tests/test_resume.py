@@ -205,3 +205,28 @@ def test_a_run_killed_anywhere_resumes_to_the_same_release(point, tmp_path, stor
                    check=True)
     checked, problems = verify_release(clone / "data" / "kills")
     assert problems == [] and checked == metrics["samples"]
+
+
+def test_a_rerun_after_a_kill_past_the_tag_reports_that_release_not_a_duplicate(tmp_path, storage_env, prefect):
+    """Killed during the clean-up after tagging: the rerun of the same command must not
+    tag kills@v2 with the same bytes; --force still releases again."""
+    recipe = write_recipe(tmp_path / "kills.yaml", samples=40, shard_size=20, execution={"runner": "thread", "workers": 1})
+    registry = tmp_path / "registry"
+    env = cli_env(storage_env, prefect)
+    proc = start_run(recipe, registry, {**env, "SYNTHFACTORY_CRASH_AT": "tagged"})
+    proc.wait(timeout=400)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read()[-3000:]
+    assert git(registry, "tag", "--list").split() == ["kills@v1"]
+
+    rerun = subprocess.run([SYNTHFACTORY, "run", str(recipe), "--registry", str(registry)],
+                           env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "kills@v1 is current" in " ".join(rerun.stdout.split())
+    assert git(registry, "tag", "--list").split() == ["kills@v1"]
+    assert git(registry, "status", "--porcelain") == ""
+    assert not list((registry / ".synthfactory" / "work").iterdir())
+
+    forced = subprocess.run([SYNTHFACTORY, "run", str(recipe), "--registry", str(registry), "--force"],
+                            env=env, capture_output=True, text=True, timeout=400)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert git(registry, "tag", "--list").split() == ["kills@v1", "kills@v2"]

@@ -43,14 +43,14 @@ class ReleaseRequest:
     overrides: tuple[str, ...] = ()
     workers: int | None = None
     dask_address: str | None = None
-    only_if_changed: bool = False
+    force: bool = False
 
     def parameters(self) -> dict[str, Any]:
         """As the flow's keyword arguments."""
         return {
             "recipe_path": self.recipe_path, "registry": self.registry, "samples": self.samples, "seed": self.seed,
             "publish": self.publish, "overrides": list(self.overrides), "workers": self.workers,
-            "dask_address": self.dask_address, "only_if_changed": self.only_if_changed,
+            "dask_address": self.dask_address, "force": self.force,
         }
 
 

@@ -9,6 +9,7 @@ import json
 import shutil
 from typing import Any
 
+from synthfactory.drills import crash_point
 from synthfactory.registry import Release
 from synthfactory.release.job import ReleaseJob
 from synthfactory.release.recovery import SNAPSHOT_DIR, close_journal, recover, write_journal
@@ -106,6 +107,7 @@ def publish(job: ReleaseJob, storage: StorageConfig, metrics: dict[str, Any]) ->
             except Exception as rollback_failure:  # keep the original error in front
                 failure.add_note(f"rolling back the registry also failed: {rollback_failure}")
             raise
+        crash_point("tagged")
         close_journal(job.work_dir)
         _keep_only_this_release(job)
     shutil.rmtree(job.work_dir)
