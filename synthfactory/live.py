@@ -14,10 +14,15 @@ With ``execution.max_unread_shards`` set, the run starts no new shard while the
 slowest live reader would fall more than that many shards behind (finished plus in
 flight): a slow trainer pauses generation instead of filling the disk. A reader silent for ``STALE_AFTER_S`` no longer holds the
 run back, so a crashed trainer cannot stall it forever.
+
+``writer.lock`` is held (``flock``) by the run while it writes a running feed: a feed
+that says "running" with the lock free belongs to a run that was killed, and readers
+see it as failed at once instead of waiting out their timeout.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -29,6 +34,8 @@ from synthfactory.files import atomic_write_json
 
 STALE_AFTER_S = 120.0
 FEED_FILE = "feed.json"
+WRITER_LOCK = "writer.lock"
+KILLED = "the run ended without closing its feed (killed?)"
 CONSUMERS_DIR = "consumers"
 
 
@@ -72,7 +79,26 @@ def read_feed(registry_root: Path, dataset: str) -> Feed | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     raw["shards"] = [FeedShard(**entry) for entry in raw["shards"]]
-    return Feed(**raw)
+    feed = Feed(**raw)
+    if not feed.done and not _writer_alive(live_dir(registry_root, dataset)):
+        feed.state, feed.message = "failed", KILLED
+    return feed
+
+
+def _writer_alive(directory: Path) -> bool:
+    """Does a live process hold the feed's writer lock? (The kernel drops it when the
+    process dies, however it dies; a recorded pid could be reused.)"""
+    try:
+        handle = os.open(directory / WRITER_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(handle)
+    return False
 
 
 class FeedWriter:
@@ -83,6 +109,13 @@ class FeedWriter:
         self.dir = live_dir(registry_root, dataset)
         self.max_unread = max_unread
         self.feed = Feed(dataset, uuid.uuid4().hex, total_shards, classes=classes)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock: int | None = os.open(self.dir / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise RuntimeError(f"another run of {dataset} is writing its live feed in {self.dir}") from None
         self._save()
 
     def _save(self) -> None:
@@ -96,6 +129,9 @@ class FeedWriter:
     def close(self, state: str, message: str = "") -> None:
         self.feed.state, self.feed.message = state, message
         self._save()
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
     def slowest_reader(self) -> int | None:
         """Shards read by the slowest live reader of this run; None if nobody is reading."""

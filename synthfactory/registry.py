@@ -47,6 +47,14 @@ class RegistryError(RuntimeError):
     """A git or DVC step failed; the message has the command and its error output."""
 
 
+def tool_error_line(output: str) -> str:
+    """The line of a failed git/DVC command that says what went wrong: DVC ends its output
+    with a "Having any troubles?" footer, so the last line is not it."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("ERROR", "error:", "fatal:"))]
+    return (errors or [line for line in lines if not line.startswith("Having any troubles?")] or [""])[-1]
+
+
 class RegistryPathError(RegistryError):
     """The path given as a registry cannot be one (bad input, not a failed step)."""
 
@@ -264,8 +272,8 @@ class DataRegistry:
             except RegistryError as failure:
                 if delay is None:
                     raise
-                last_line = str(failure).strip().splitlines()[-1]
-                logger.warning("dvc push of %s failed (attempt %d), retrying in %.0f s: %s", tag, attempt + 1, delay, last_line)
+                logger.warning("dvc push of %s failed (attempt %d), retrying in %.0f s: %s", tag, attempt + 1, delay,
+                               tool_error_line(str(failure)))
                 time.sleep(delay)
         crash_point("pushed")
         self.git("add", "--", *paths)

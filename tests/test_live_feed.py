@@ -68,3 +68,44 @@ def test_a_slow_reader_holds_the_run_to_its_buffer(tmp_path, prefect):
     assert sum(samples for _, samples in seen) == summary.samples  # no dataset check refused any
     assert max(worst_lag) <= MAX_UNREAD
     assert reader.feed().state == "finished"
+
+
+def test_a_reader_following_a_killed_run_fails_at_once_not_after_its_timeout(tmp_path):
+    """The run holds the feed's writer lock; once the kernel drops it (kill -9), the feed
+    still says "running" but readers know better."""
+    import signal
+    import subprocess
+    import sys
+
+    from synthfactory.live import FeedWriter, read_feed
+    from synthfactory.loader.errors import LoaderError
+    from synthfactory.loader.sources import LiveRun
+
+    shard = tmp_path / "shard.tar"
+    shard.write_bytes(b"")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from synthfactory.live import FeedWriter; "
+         "w = FeedWriter(sys.argv[1], 'ds', 4); w.shard_ready('ds-000000.tar', sys.argv[2], 0); "
+         "print('ready', flush=True); sys.stdin.read()", str(tmp_path), str(shard)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        assert read_feed(tmp_path, "ds").state == "running"
+        with pytest.raises(RuntimeError, match="another run of ds is writing its live feed"):
+            FeedWriter(tmp_path, "ds", 4)
+        run = LiveRun(tmp_path, "ds", poll_s=0.05, timeout_s=120, consumer="t")
+        follow = run.schedule(run.shard_names(), 0, 1, None)
+        assert next(follow)[0].name == "ds-000000.tar"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    started = time.monotonic()
+    with pytest.raises(LoaderError, match=r"failed: the run ended without closing its feed \(killed\?\)"):
+        next(follow)
+    assert time.monotonic() - started < 60
+    assert read_feed(tmp_path, "ds").state == "failed"
+
+    again = FeedWriter(tmp_path, "ds", 4)  # the rerun takes the feed over
+    again.close("finished")
+    assert read_feed(tmp_path, "ds").state == "finished"

@@ -124,3 +124,13 @@ def test_aws_keys_without_an_endpoint_mean_aws_not_the_embedded_server(monkeypat
     storage = settings.resolve_storage()
     assert storage.endpoint_url is None and storage.location == "AWS S3 (us-east-1)"
     assert storage.remote_url == "s3://synthfactory/dvcstore"
+
+
+def test_a_failed_push_is_reported_by_its_error_not_dvcs_footer():
+    from synthfactory.registry import tool_error_line
+
+    output = ("`dvc push shapes` failed in /r:\nCollecting\nERROR: failed to push data to the cloud - "
+              "Unable to locate credentials\n\nHaving any troubles? Hit us up at https://dvc.org/support, "
+              "we are always happy to help!")
+    assert tool_error_line(output) == "ERROR: failed to push data to the cloud - Unable to locate credentials"
+    assert tool_error_line("fatal: unable to create '/r/.git/refs/tags/a.lock': File exists.") .startswith("fatal:")

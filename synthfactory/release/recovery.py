@@ -10,6 +10,7 @@ dirs; their finished shards stay in the shard cache, so the rerun only does the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -18,6 +19,8 @@ from typing import Any
 
 from synthfactory.files import atomic_write_json
 from synthfactory.registry import DataRegistry, FileSnapshot, RegistryError
+
+logger = logging.getLogger(__name__)
 
 #: in a run's work dir: the pid of the process that owns it, and the journal of a publish in progress
 OWNER_FILE, JOURNAL_FILE, SNAPSHOT_DIR = "owner.pid", "publishing.json", "snapshot"
@@ -79,16 +82,32 @@ def recover(registry: DataRegistry) -> list[str]:
             continue
         journal = work_dir / JOURNAL_FILE
         if journal.exists():
+            _remove_git_locks_since(registry, journal.stat().st_mtime)
             done.append(_roll_back_publish(registry, work_dir, json.loads(journal.read_text())))
         shutil.rmtree(work_dir, ignore_errors=True)
     return done
+
+
+def _remove_git_locks_since(registry: DataRegistry, started: float) -> None:
+    """Remove the lock files a git killed with the run left (index, HEAD, refs, packed
+    refs): those created after its journal, while it held the registry lock. An older
+    lock is not the run's (a user's git): it is left, and git names it if it is in the way."""
+    git_dir = registry.root / ".git"
+    candidates = [git_dir / "index.lock", git_dir / "HEAD.lock", git_dir / "packed-refs.lock",
+                  *(git_dir / "refs").rglob("*.lock")]
+    for lock in candidates:
+        try:
+            if lock.stat().st_mtime >= started:
+                lock.unlink()
+                logger.info("removed %s, left by a git killed with an interrupted publish", lock)
+        except FileNotFoundError:
+            continue
 
 
 def _roll_back_publish(registry: DataRegistry, work_dir: Path, journal: dict[str, Any]) -> str:
     tag, base = journal["tag"], journal["base_commit"]
     if tag in registry.tags(journal["dataset"]):
         return f"{tag}: the interrupted run had finished publishing"
-    (registry.root / ".git" / "index.lock").unlink(missing_ok=True)  # left by a git killed with the run
     head = registry.git("rev-parse", "HEAD").strip()
     if head != base:
         parent = registry.git("rev-parse", "HEAD^").strip()
