@@ -35,7 +35,9 @@ from synthfactory.recipe import Execution, RecipeError
 from synthfactory.registry import RegistryError
 from synthfactory.release.build import ShardFailedError, ShardResult
 from synthfactory.release.gate import GateFailedError
-from synthfactory.release.job import ReleaseJob, ReleaseRequest, discard, latest_release_with_inputs, prepare
+from synthfactory.release.job import (
+    ReleaseJob, ReleaseRequest, discard, latest_release_with_inputs, prepare, release_locks,
+)
 from synthfactory.release.report import run_markdown
 from synthfactory.release.summary import RunStats, RunSummary
 from synthfactory.shards import SHARDS_DIR
@@ -221,6 +223,15 @@ def release_flow(
         dask_address, force,
     )
     job = _prepared_job(request)
+    try:
+        return _release(job)
+    finally:
+        release_locks(job)
+
+
+def _release(job: ReleaseJob) -> RunSummary:
+    """The flow's steps, for a prepared job (which holds its dataset's run lock)."""
+    publish, force = job.request.publish, job.request.force
     summary = RunSummary(job.recipe.name, str(job.registry.root), str(job.release_dir), store=job.store)
     if publish and not force and (current := latest_release_with_inputs(job.registry, job.recipe.name, job.inputs_fingerprint)):
         discard(job)
@@ -293,6 +304,7 @@ def run_release(
             return release_flow(**request.parameters())
     finally:
         _PREPARED.reset(token)
+        release_locks(job)  # the flow did, unless it never started
 
 
 @contextmanager

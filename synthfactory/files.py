@@ -1,4 +1,5 @@
-"""Durable, atomic file writes: the one way the factory replaces a file.
+"""Durable, atomic file writes (the one way the factory replaces a file) and process
+locks that die with their process.
 
 A reader (a trainer following the live feed, a resumed run, a crash-recovery pass) sees
 either the old bytes or the new ones, never half a file, and after a power cut the
@@ -7,6 +8,7 @@ rename is on disk together with the bytes it names.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import uuid
@@ -60,3 +62,32 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
     for directory in [*(p for p in root.rglob("*") if p.is_dir()), root]:
         fsync_dir(directory)
+
+
+def try_flock(path: Path) -> int | None:
+    """Take an exclusive `flock` on `path` (created if missing): the open descriptor that
+    holds it (close it to release), or None while another holds it. The kernel drops the
+    lock when its process dies, however it dies: unlike a recorded pid, it cannot be
+    mistaken for a live owner after a kill or a reused pid."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def flock_held(path: Path) -> bool:
+    """Does some process hold a `flock` on `path`?"""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -22,7 +22,6 @@ see it as failed at once instead of waiting out their timeout.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -30,7 +29,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from synthfactory.files import atomic_write_json
+from synthfactory.files import atomic_write_json, flock_held, try_flock
 
 STALE_AFTER_S = 120.0
 FEED_FILE = "feed.json"
@@ -80,25 +79,9 @@ def read_feed(registry_root: Path, dataset: str) -> Feed | None:
         return None
     raw["shards"] = [FeedShard(**entry) for entry in raw["shards"]]
     feed = Feed(**raw)
-    if not feed.done and not _writer_alive(live_dir(registry_root, dataset)):
+    if not feed.done and not flock_held(live_dir(registry_root, dataset) / WRITER_LOCK):
         feed.state, feed.message = "failed", KILLED
     return feed
-
-
-def _writer_alive(directory: Path) -> bool:
-    """Does a live process hold the feed's writer lock? (The kernel drops it when the
-    process dies, however it dies; a recorded pid could be reused.)"""
-    try:
-        handle = os.open(directory / WRITER_LOCK, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(handle)
-    return False
 
 
 class FeedWriter:
@@ -110,12 +93,9 @@ class FeedWriter:
         self.max_unread = max_unread
         self.feed = Feed(dataset, uuid.uuid4().hex, total_shards, classes=classes)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock: int | None = os.open(self.dir / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock)
-            raise RuntimeError(f"another run of {dataset} is writing its live feed in {self.dir}") from None
+        self._lock = try_flock(self.dir / WRITER_LOCK)
+        if self._lock is None:
+            raise RuntimeError(f"another run of {dataset} is writing its live feed in {self.dir}")
         self._save()
 
     def _save(self) -> None:

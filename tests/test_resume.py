@@ -233,3 +233,17 @@ def test_a_rerun_after_a_kill_past_the_tag_reports_that_release_not_a_duplicate(
                             env=env, capture_output=True, text=True, timeout=400)
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert git(registry, "tag", "--list").split() == ["kills@v1", "kills@v2"]
+
+
+def test_runs_of_two_datasets_into_one_registry_at_once_both_publish(tmp_path, storage_env, prefect):
+    registry = tmp_path / "registry"
+    env = cli_env(storage_env, prefect)
+    recipes = [write_recipe(tmp_path / f"{name}.yaml", name=name, samples=40, shard_size=20,
+                            execution={"runner": "thread", "workers": 1}) for name in ("left", "right")]
+    subprocess.run([SYNTHFACTORY, "run", str(recipes[0]), "--registry", str(registry), "--no-publish"],
+                   env=env, check=True, capture_output=True)  # the registry exists before the race
+    runs = [start_run(recipe, registry, env) for recipe in recipes]
+    outputs = [run.communicate(timeout=400)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert sorted(git(registry, "tag", "--list").split()) == ["left@v1", "right@v1"]
+    assert git(registry, "status", "--porcelain") == ""

@@ -134,3 +134,37 @@ def test_a_failed_push_is_reported_by_its_error_not_dvcs_footer():
               "we are always happy to help!")
     assert tool_error_line(output) == "ERROR: failed to push data to the cloud - Unable to locate credentials"
     assert tool_error_line("fatal: unable to create '/r/.git/refs/tags/a.lock': File exists.") .startswith("fatal:")
+
+
+def test_a_second_run_of_a_dataset_fails_at_once_naming_the_first_and_another_dataset_goes_on(tmp_path):
+    from synthfactory.release.job import ReleaseRequest, RunLockedError, prepare, release_locks
+
+    recipe = text_recipe(tmp_path, "prompts.txt")
+    other = tmp_path / "recipes" / "others.yaml"
+    other.write_text(recipe.read_text().replace("name: texts", "name: others"))
+    registry = str(tmp_path / "registry")
+    first = prepare(ReleaseRequest(str(recipe), registry, publish=False))
+    try:
+        with pytest.raises(RunLockedError, match=rf"another run of texts is in progress in .*\(pid {os.getpid()} on "):
+            prepare(ReleaseRequest(str(recipe), registry, publish=False))
+        beside = prepare(ReleaseRequest(str(other), registry, publish=False))  # another dataset: goes on
+        release_locks(beside)
+        assert first.work_dir.exists()  # recovery in the other run's prepare left the live run's work dir
+    finally:
+        release_locks(first)
+    again = prepare(ReleaseRequest(str(recipe), registry, publish=False))
+    release_locks(again)
+    assert not first.work_dir.exists()  # its owner let go: the next run's recovery removed it
+
+
+def test_staging_a_shard_whose_cache_entry_lost_its_tar_fails_loudly(tmp_path):
+    from synthfactory.release.shard_cache import ShardCache
+
+    cache = ShardCache(tmp_path / "cache")
+    staging = cache.staging_dir("k" * 64)
+    (staging / "shards").mkdir()
+    (staging / "shards" / "ds-000000.tar").write_bytes(b"tar")
+    cache.commit(staging, "k" * 64, {"samples": 1})
+    (cache.entry("k" * 64) / "shards" / "ds-000000.tar").unlink()  # as another run's prune did
+    with pytest.raises(FileNotFoundError, match="shard ds-000000.tar: its cache entry .* is gone or damaged"):
+        cache.link_into("k" * 64, "ds-000000.tar", tmp_path / "stage")

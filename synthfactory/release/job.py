@@ -13,7 +13,10 @@ import os
 import posixpath
 import shlex
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ from pydantic import ValidationError
 
 from synthfactory import settings
 from synthfactory.recipe import Execution, Recipe, RecipeError, load_recipe
-from synthfactory.registry import DataRegistry
+from synthfactory.files import try_flock
+from synthfactory.registry import DataRegistry, RegistryError
 from synthfactory.release.bundle import PluginBundle, plugins_of
 from synthfactory.release.fingerprint import CodeFile, code_files, code_version, inputs_fingerprint, shard_keys
 from synthfactory.release.recovery import OWNER_FILE, recover_interrupted
@@ -139,9 +143,23 @@ def execution_for(recipe: Recipe, workers: int | None = None, dask_address: str 
         raise RecipeError(f"invalid run option: {problems}") from None
 
 
+class RunLockedError(RegistryError):
+    """Another run of the dataset holds its run lock; the message names the holder."""
+
+
+#: the locks this process holds for its jobs, by work dir: the dataset's run lock and
+#: the work dir's owner lock (open descriptors; the kernel drops them if the process dies)
+_HELD_LOCKS: dict[Path, tuple[int, ...]] = {}
+
+
 def prepare(request: ReleaseRequest) -> ReleaseJob:
-    """Check everything that can fail on bad input (recipe, run options, models, storage,
-    registry), then give the run a private work dir in the registry's scratch space."""
+    """Recover what killed runs left (before the recipe is read: a rollback may restore
+    it), check everything that can fail on bad input (recipe, run options, models,
+    storage, registry path) before anything is created, then take the dataset's run lock
+    and give the run a private work dir in the registry's scratch space."""
+    registry_path = Path(request.registry)
+    if registry_path.exists():
+        recover_interrupted(DataRegistry.existing(registry_path), wait=False)
     recipe = load_recipe(request.recipe_path, samples=request.samples, seed=request.seed, overrides=request.overrides)
     execution = execution_for(recipe, request.workers, request.dask_address)
     plugins = plugins_of(recipe)
@@ -151,16 +169,46 @@ def prepare(request: ReleaseRequest) -> ReleaseJob:
         storage = settings.resolve_storage()
         ensure_bucket(storage)
         store = f"{storage.remote_url} at {storage.location}"
-    registry = DataRegistry.open(Path(request.registry))
+    registry = DataRegistry.open(registry_path)
     recipe_source = Path(request.recipe_path).resolve()
     recipe_file, inputs = recipe_locations(recipe, recipe_source, registry)
-    recover_interrupted(registry, wait=False)
-    (registry.scratch / "work").mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-", dir=registry.scratch / "work"))
-    (work_dir / OWNER_FILE).write_text(str(os.getpid()))
-    code = code_files(plugins.plugins)
-    return ReleaseJob(request, recipe, execution, registry, recipe_source, recipe_file, inputs, code, work_dir,
-                      code_version(code), store)
+    run_lock = _take_run_lock(registry, recipe.name)
+    try:
+        (registry.scratch / "work").mkdir(parents=True, exist_ok=True)
+        work_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-", dir=registry.scratch / "work"))
+        owner = try_flock(work_dir / OWNER_FILE)  # free: the directory is new and private
+        code = code_files(plugins.plugins)
+        job = ReleaseJob(request, recipe, execution, registry, recipe_source, recipe_file, inputs, code, work_dir,
+                         code_version(code), store)
+    except BaseException:
+        os.close(run_lock)
+        raise
+    _HELD_LOCKS[work_dir] = (run_lock, owner) if owner is not None else (run_lock,)
+    return job
+
+
+def _take_run_lock(registry: DataRegistry, dataset: str) -> int:
+    """One run of a dataset per registry at a time: two would prune, stage and publish
+    over each other. Another dataset's run goes on beside it. A second run fails at once,
+    naming the holder (recorded in the lock file)."""
+    path = registry.scratch / "runs" / f"{dataset}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = try_flock(path)
+    if fd is None:
+        holder = path.read_text().strip() or "a process that has not said who it is yet"
+        raise RunLockedError(
+            f"another run of {dataset} is in progress in {registry.root} ({holder}): wait for it to end, or stop it"
+        )
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: "
+                  f"{shlex.join(sys.argv[:1] + sys.argv[1:8])}\n".encode(), 0)
+    return fd
+
+
+def release_locks(job: ReleaseJob) -> None:
+    """Let the next run of the dataset start (idempotent)."""
+    for fd in _HELD_LOCKS.pop(job.work_dir, ()):
+        os.close(fd)
 
 
 def recipe_locations(recipe: Recipe, recipe_source: Path, registry: DataRegistry) -> tuple[str, tuple[CodeFile, ...]]:
@@ -188,3 +236,4 @@ def latest_release_with_inputs(registry: DataRegistry, dataset: str, fingerprint
 def discard(job: ReleaseJob) -> None:
     """Drop a job's work dir without releasing (nothing else was written)."""
     shutil.rmtree(job.work_dir, ignore_errors=True)
+    release_locks(job)

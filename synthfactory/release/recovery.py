@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from synthfactory.files import atomic_write_json
+from synthfactory.files import atomic_write_json, flock_held
 from synthfactory.registry import DataRegistry, FileSnapshot, RegistryError
 
 logger = logging.getLogger(__name__)
 
-#: in a run's work dir: the pid of the process that owns it, and the journal of a publish in progress
-OWNER_FILE, JOURNAL_FILE, SNAPSHOT_DIR = "owner.pid", "publishing.json", "snapshot"
+#: in a run's work dir: the file its run holds a flock on, and the journal of a publish in progress
+OWNER_FILE, JOURNAL_FILE, SNAPSHOT_DIR = "owner.lock", "publishing.json", "snapshot"
 #: a work dir with no owner file yet is being created; older than this, it was abandoned
 OWNERLESS_GRACE_S = 60.0
 
@@ -37,20 +36,14 @@ def close_journal(work_dir: Path) -> None:
 
 
 def _owner_alive(work_dir: Path) -> bool:
+    """Does a live run hold the work dir's owner lock? (A dir still being created has no
+    lock file yet.)"""
+    if (work_dir / OWNER_FILE).exists():
+        return flock_held(work_dir / OWNER_FILE)
     try:
-        pid = int((work_dir / OWNER_FILE).read_text())
-    except (OSError, ValueError):
-        try:
-            return time.time() - work_dir.stat().st_mtime < OWNERLESS_GRACE_S
-        except OSError:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return time.time() - work_dir.stat().st_mtime < OWNERLESS_GRACE_S
+    except OSError:
         return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def recover_interrupted(registry: DataRegistry, wait: bool = True) -> list[str]:

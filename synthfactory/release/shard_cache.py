@@ -80,11 +80,14 @@ class ShardCache:
     def link_into(self, key: str, name: str, stage_dir: Path) -> None:
         """Put the entry's tars into a release being staged: hard links (no copy), or a
         copy where links are impossible. Later steps replace files, never edit them, so
-        the entry's bytes stay intact."""
+        the entry's bytes stay intact. An entry that lost a file it recorded fails loudly."""
         entry = self.entry(key)
+        result = self.lookup(key)
+        if result is None:
+            raise FileNotFoundError(f"shard {name}: its cache entry {entry} is gone or damaged; rerun to regenerate it")
         for sub in (SHARDS_DIR, REJECTED_DIR):
             source = entry / sub / name
-            if source.exists():
+            if f"{sub}/{name}" in result["files"]:
                 target = stage_dir / sub / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.unlink(missing_ok=True)
