@@ -9,6 +9,7 @@ rename is on disk together with the bytes it names.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import uuid
@@ -91,3 +92,12 @@ def flock_held(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def file_digest(path: Path) -> str | None:
+    """sha256 of a file's bytes, None if there is no file."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from typing import Any
 from filelock import FileLock
 
 from synthfactory.drills import crash_point
+from synthfactory.files import atomic_write, atomic_write_json, file_digest
 from synthfactory.storage import StorageConfig
 from synthfactory.tags import ReleaseTag, first
 
@@ -251,6 +253,14 @@ class DataRegistry:
         argv += ["--metrics-no-cache", f"{out_root}/{METRICS_FILE}", command]
         self.dvc(*argv)
 
+    def unstage(self, commit: str, paths: Sequence[str]) -> None:
+        """Make the index hold `paths` as `commit` has them (the files are left alone)."""
+        self.git("reset", "--quiet", commit, "--", *paths)
+
+    def dvc_commit(self, dataset: str) -> None:
+        """Record the release's data in dvc.lock and the DVC cache."""
+        self.dvc("commit", "--force", dataset)
+
     def commit_and_tag(
         self,
         dataset: str,
@@ -261,10 +271,9 @@ class DataRegistry:
         tag_note: str,
         push_retry_delays: Sequence[float] = (2.0, 8.0),
     ) -> Release:
-        """dvc commit -> dvc push (retried) -> git commit -> tag: the tag comes last, so it
-        never points at data missing from S3. Pushes are content-addressed, so a retry
-        only uploads what is missing."""
-        self.dvc("commit", "--force", dataset)
+        """dvc push (retried) -> git commit -> tag, after `dvc_commit`: the tag comes last,
+        so it never points at data missing from S3. Pushes are content-addressed, so a
+        retry only uploads what is missing."""
         for attempt, delay in enumerate([*push_retry_delays, None]):
             try:
                 self.dvc("push", dataset, env=storage.subprocess_env())
@@ -314,6 +323,11 @@ class FileSnapshot:
     def paths(self) -> list[str]:
         return list(self._saved)
 
+    def changed(self) -> list[str]:
+        """Paths whose file no longer holds the saved bytes (or is there when it was not)."""
+        return [p for p, data in self._saved.items()
+                if file_digest(self._root / p) != (None if data is None else hashlib.sha256(data).hexdigest())]
+
     def restore(self) -> None:
         for relative, data in self._saved.items():
             target = self._root / relative
@@ -324,14 +338,15 @@ class FileSnapshot:
                 target.write_bytes(data)
 
     def save(self, directory: Path) -> None:
-        """Write the snapshot under `directory` (files, then an index written last)."""
+        """Write the snapshot under `directory`, durably (files, then the index last) before
+        the journal that points at it."""
         directory.mkdir(parents=True, exist_ok=True)
         index = {}
         for number, (relative, data) in enumerate(self._saved.items()):
             if data is not None:
-                (directory / str(number)).write_bytes(data)
+                atomic_write(directory / str(number), data)
             index[relative] = None if data is None else str(number)
-        (directory / "index.json").write_text(json.dumps(index))
+        atomic_write_json(directory / "index.json", index)
 
     @classmethod
     def load(cls, root: Path, directory: Path) -> "FileSnapshot":

@@ -128,3 +128,24 @@ def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monke
     finally:
         for timer in outage:
             timer.join()
+
+
+def test_a_refused_release_commit_leaves_nothing_staged(tmp_path, prefect, storage_env):
+    """A pre-commit hook that refuses (as commit signing without a key, or a full disk
+    would): files, HEAD and the index all go back, so the user's next plain `git commit`
+    cannot commit half a release."""
+    from synthfactory.registry import DataRegistry
+
+    registry = tmp_path / "registry"
+    DataRegistry.open(registry)
+    hook = registry / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho 'refused by policy' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    status, head = git(registry, "status", "--porcelain"), git(registry, "rev-parse", "HEAD")
+    recipe = write_recipe(tmp_path / "tiny.yaml", samples=40, shard_size=20, validation={"balance_tolerance": None})
+
+    with pytest.raises(RegistryError, match="refused by policy"):
+        run_release(str(recipe), str(registry))
+    assert git(registry, "diff", "--cached", "--name-only") == ""
+    assert git(registry, "status", "--porcelain") == status
+    assert git(registry, "rev-parse", "HEAD") == head and git(registry, "tag") == ""

@@ -247,3 +247,35 @@ def test_runs_of_two_datasets_into_one_registry_at_once_both_publish(tmp_path, s
     assert [run.returncode for run in runs] == [0, 0], outputs
     assert sorted(git(registry, "tag", "--list").split()) == ["left@v1", "right@v1"]
     assert git(registry, "status", "--porcelain") == ""
+
+
+def test_recovery_never_overwrites_a_recipe_edited_after_the_kill(tmp_path, storage_env, prefect):
+    """Killed after the push: the rerun must not restore its snapshot over a fix made
+    since; it stops naming the file. With the edit moved aside, the rollback restores
+    the recipe before it is read, and the rerun publishes what the killed run would have."""
+    from synthfactory.registry import DataRegistry
+
+    registry = tmp_path / "registry"
+    DataRegistry.open(registry)
+    (registry / "recipes").mkdir()
+    recipe = write_recipe(registry / "recipes" / "kills.yaml", samples=40, shard_size=20,
+                          execution={"runner": "thread", "workers": 1})
+    original = recipe.read_text()
+    env = cli_env(storage_env, prefect)
+    proc = start_run(recipe, registry, {**env, "SYNTHFACTORY_CRASH_AT": "pushed"})
+    proc.wait(timeout=400)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read()[-3000:]
+
+    fixed = original.replace("seed: 11", "seed: 12")
+    recipe.write_text(fixed)
+    rerun = subprocess.run([SYNTHFACTORY, "run", str(recipe), "--registry", str(registry)],
+                           env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 1, rerun.stdout + rerun.stderr
+    assert "recipes/kills.yaml changed since it was killed" in " ".join(rerun.stderr.split())
+    assert recipe.read_text() == fixed and git(registry, "tag", "--list") == ""
+
+    recipe.rename(tmp_path / "mine.yaml")
+    rerun = subprocess.run([SYNTHFACTORY, "run", str(recipe), "--registry", str(registry)],
+                           env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert recipe.read_text() == original and git(registry, "tag", "--list").split() == ["kills@v1"]

@@ -10,6 +10,7 @@ import shutil
 from typing import Any
 
 from synthfactory.drills import crash_point
+from synthfactory.files import file_digest
 from synthfactory.registry import Release
 from synthfactory.release.job import ReleaseJob
 from synthfactory.release.recovery import SNAPSHOT_DIR, close_journal, recover, write_journal
@@ -69,21 +70,27 @@ def publish(job: ReleaseJob, storage: StorageConfig, metrics: dict[str, Any]) ->
         message = f"Release {tag}: {metrics['samples']} samples from {job.recipe_file}"
         names = sorted(entry.name for entry in job.stage_dir.iterdir())
         snapshot.save(job.work_dir / SNAPSHOT_DIR)
-        write_journal(job.work_dir, {
+        synced = [(job.recipe_source, job.recipe_file), *job.inputs, *job.code]
+        journal = {
             "dataset": name,
             "tag": tag,
             "base_commit": registry.git("rev-parse", "HEAD").strip(),
             "message": message,
             "names": names,
             "existing": [n for n in names if (job.release_dir / n).exists()],
-        })
+            # what this publish writes, so a rollback never overwrites a later edit
+            "written": {relative: file_digest(source) for source, relative in synced},
+        }
+        write_journal(job.work_dir, journal)
         swapped = _swap_in(job)
         try:
-            registry.sync_file(job.recipe_source, job.recipe_file)
-            for source, relative in (*job.inputs, *job.code):
+            for source, relative in synced:
                 registry.sync_file(source, relative)
             registry.configure_remote(storage)
             registry.record_stage(name, job.command, job.dependencies)
+            registry.dvc_commit(name)
+            journal["written"] = {path: file_digest(registry.root / path) for path in snapshot.paths}
+            write_journal(job.work_dir, journal)
             summary = {
                 "samples": metrics["samples"],
                 "rejected": metrics["rejected"],
@@ -101,6 +108,9 @@ def publish(job: ReleaseJob, storage: StorageConfig, metrics: dict[str, Any]) ->
             )
         except BaseException as failure:
             try:
+                # the index too: a refused commit (hook, signing, full disk) leaves the release
+                # staged, and the user's next plain `git commit` would commit half of it
+                registry.unstage(journal["base_commit"], [*snapshot.paths, f"data/{name}"])
                 snapshot.restore()
                 _swap_back(job, swapped)
                 close_journal(job.work_dir)

@@ -1,8 +1,9 @@
 """Crash recovery: the publish journal, and undoing what a killed run left behind.
 
 A publish writes a journal into its work dir before it touches the registry: the saved
-bytes of every file it may rewrite, the base commit, the planned tag and the release
-entries it moves. A later run that finds the journal of a dead run rolls that publish
+bytes of every file it may rewrite (and the hashes of what it writes there, so a
+rollback never overwrites a file edited after the kill), the base commit, the planned
+tag and the release entries it moves. A later run that finds the journal of a dead run rolls that publish
 back (or, if its tag exists, recognises it as complete), and deletes dead runs' work
 dirs; their finished shards stay in the shard cache, so the rerun only does the rest.
 """
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from synthfactory.files import atomic_write_json, flock_held
+from synthfactory.files import atomic_write_json, file_digest, flock_held
 from synthfactory.registry import DataRegistry, FileSnapshot, RegistryError
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,16 @@ def _roll_back_publish(registry: DataRegistry, work_dir: Path, journal: dict[str
     tag, base = journal["tag"], journal["base_commit"]
     if tag in registry.tags(journal["dataset"]):
         return f"{tag}: the interrupted run had finished publishing"
+    snapshot = FileSnapshot.load(registry.root, work_dir / SNAPSHOT_DIR)
+    written = journal.get("written", {})
+    edited = [path for path in snapshot.changed()
+              if path in written and file_digest(registry.root / path) not in (written[path], None)]
+    if edited:
+        raise RegistryError(
+            f"an interrupted publish of {tag} would be rolled back, but {', '.join(edited)} changed since it was "
+            f"killed (your edit?), and the rollback would overwrite it: move your version aside and rerun (the "
+            f"rollback restores the files as they were before that publish), then put yours back"
+        )
     head = registry.git("rev-parse", "HEAD").strip()
     if head != base:
         parent = registry.git("rev-parse", "HEAD^").strip()
@@ -111,9 +122,8 @@ def _roll_back_publish(registry: DataRegistry, work_dir: Path, journal: dict[str
                 f"commit on {base[:12]}: inspect the repository, then delete {work_dir}"
             )
         registry.git("reset", "--quiet", "--soft", base)
-    snapshot = FileSnapshot.load(registry.root, work_dir / SNAPSHOT_DIR)
     release_dir = registry.release_dir(journal["dataset"])
-    registry.git("reset", "--quiet", base, "--", *snapshot.paths, f"data/{journal['dataset']}")
+    registry.unstage(base, [*snapshot.paths, f"data/{journal['dataset']}"])
     snapshot.restore()
     previous = work_dir / "previous"
     for name in journal["names"]:
