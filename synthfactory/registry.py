@@ -241,7 +241,19 @@ class DataRegistry:
             conf["core"]["remote"] = REMOTE_NAME
 
     def record_stage(self, dataset: str, command: str, deps: Sequence[str]) -> None:
-        """(Re)declare the dataset's dvc.yaml stage: deps = recipe + code, outs = the release."""
+        """(Re)declare the dataset's dvc.yaml stage: deps = recipe + code, outs = the release.
+        Stages of other datasets that were never released (no dvc.lock entry, e.g. one an
+        older factory checkout shipped) go: a plain `dvc pull` at a tag fails on them."""
+        import yaml
+
+        def stages(name: str) -> dict[str, Any]:
+            path = self.root / name
+            return (yaml.safe_load(path.read_text()) or {}).get("stages", {}) if path.exists() else {}
+
+        locked = stages("dvc.lock")
+        for stage in stages("dvc.yaml"):
+            if stage != dataset and stage not in locked:
+                self.dvc("remove", stage)
         out_root = f"data/{dataset}"
         argv = ["stage", "add", "--force", "--name", dataset]
         for dep in deps:

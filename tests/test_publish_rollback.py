@@ -4,6 +4,7 @@ publishes. Uses its own SeaweedFS so the outage is real."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,11 +89,22 @@ def test_failed_push_rolls_back_exactly_and_a_rerun_publishes(tmp_path, prefect,
     assert tree(registry / "data" / "tiny") != v1_data
     assert "seed: 2" in git(registry, "show", "tiny@v2:data/tiny/recipe.yaml")
 
+    # The registry is a clone of the factory repo: a plain `dvc pull` at this dataset's tag
+    # must work (no stage of a dataset without a lock entry, e.g. one the factory declared).
+    from synthfactory.registry import dvc_executable
+    from synthfactory.settings import resolve_storage
+
+    clone = tmp_path / "consumer"
+    git(tmp_path, "clone", "--quiet", "--branch", "tiny@v2", str(registry), str(clone))
+    pulled = subprocess.run([dvc_executable(), "pull"], cwd=clone, capture_output=True, text=True,
+                            env={**os.environ, **resolve_storage().subprocess_env()})
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert tree(clone / "data" / "tiny") == tree(registry / "data" / "tiny")
+
 
 def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monkeypatch, own_s3):
     """S3 goes down right after the gate and comes back 10 s later: the push is
     retried with backoff and the release completes, whole in S3."""
-    import os
     import threading
 
     from synthfactory.registry import dvc_executable
