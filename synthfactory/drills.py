@@ -4,7 +4,7 @@
 point (no clean-up, no finally blocks: what a preempted node or the OOM killer does).
 Points: ``validate`` (gate evaluated, nothing written), ``pushed`` (data in S3, not yet
 committed), ``committed`` (release commit made, not yet tagged), ``tagged`` (tagged, the
-clean-up not done).
+clean-up not done), ``swapping`` (one release entry swapped into data/, the rest not).
 """
 
 from __future__ import annotations

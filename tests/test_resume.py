@@ -279,3 +279,29 @@ def test_recovery_never_overwrites_a_recipe_edited_after_the_kill(tmp_path, stor
                            env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert recipe.read_text() == original and git(registry, "tag", "--list").split() == ["kills@v1"]
+
+
+def test_a_no_publish_run_killed_inside_the_swap_leaves_data_as_it_was(tmp_path, prefect):
+    """--no-publish swaps several entries into data/<dataset>/: killed after the first,
+    the next run's recovery puts the previous ones back (all or nothing)."""
+    from flows.release import run_release
+    from synthfactory.registry import DataRegistry
+    from synthfactory.release.recovery import recover_interrupted
+
+    def tree(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    recipe = write_recipe(tmp_path / "kills.yaml", samples=40, shard_size=20, execution={"runner": "thread", "workers": 1},
+                          validation={"balance_tolerance": None})
+    registry = tmp_path / "registry"
+    run_release(str(recipe), str(registry), publish=False)
+    before = tree(registry / "data" / "kills")
+    proc = subprocess.run([SYNTHFACTORY, "run", str(recipe), "--registry", str(registry), "--no-publish", "--seed", "12"],
+                          env={**os.environ, "PREFECT_API_URL": prefect, "SYNTHFACTORY_CRASH_AT": "swapping"},
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert tree(registry / "data" / "kills") != before  # half swapped
+
+    assert recover_interrupted(DataRegistry(registry)) == [
+        "kills: put back the data/ entries an interrupted --no-publish run was replacing"]
+    assert tree(registry / "data" / "kills") == before

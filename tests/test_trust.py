@@ -168,3 +168,15 @@ def test_staging_a_shard_whose_cache_entry_lost_its_tar_fails_loudly(tmp_path):
     (cache.entry("k" * 64) / "shards" / "ds-000000.tar").unlink()  # as another run's prune did
     with pytest.raises(FileNotFoundError, match="shard ds-000000.tar: its cache entry .* is gone or damaged"):
         cache.link_into("k" * 64, "ds-000000.tar", tmp_path / "stage")
+
+
+def test_recording_a_stage_drops_stages_of_datasets_never_released(tmp_path):
+    """A registry cloned from an older factory checkout declares a `shapes` stage with no
+    dvc.lock entry: at any other dataset's tag, a plain `dvc pull` failed on it."""
+    from synthfactory.registry import DataRegistry
+
+    registry = DataRegistry.open(tmp_path / "registry")
+    registry.record_stage("shapes", "synthfactory run recipes/shapes.yaml --no-publish", [])
+    registry.record_stage("tiny", "synthfactory run recipes/tiny.yaml --no-publish", [])
+    stages = yaml.safe_load((registry.root / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == ["tiny"]

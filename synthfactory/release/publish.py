@@ -29,6 +29,7 @@ def _swap_in(job: ReleaseJob) -> list[str]:
         if target.exists():
             target.rename(previous / name)
         (job.stage_dir / name).rename(target)
+        crash_point("swapping")
     return names
 
 
@@ -48,9 +49,17 @@ def _keep_only_this_release(job: ReleaseJob) -> None:
 
 
 def materialize(job: ReleaseJob) -> None:
-    """--no-publish: put the gated release in data/<dataset>/ without touching git or DVC."""
+    """--no-publish: put the gated release in data/<dataset>/ without touching git or DVC,
+    all or nothing: a journal names the entries first, so a run killed inside the swap
+    is put back by the next run's recovery."""
     with job.registry.lock():
+        names = sorted(entry.name for entry in job.stage_dir.iterdir())
+        write_journal(job.work_dir, {
+            "dataset": job.recipe.name, "names": names,
+            "existing": [n for n in names if (job.release_dir / n).exists()],
+        })
         _swap_in(job)
+        close_journal(job.work_dir)
         _keep_only_this_release(job)
     shutil.rmtree(job.work_dir)
 

@@ -76,8 +76,13 @@ def recover(registry: DataRegistry) -> list[str]:
             continue
         journal = work_dir / JOURNAL_FILE
         if journal.exists():
-            _remove_git_locks_since(registry, journal.stat().st_mtime)
-            done.append(_roll_back_publish(registry, work_dir, json.loads(journal.read_text())))
+            entries = json.loads(journal.read_text())
+            if "tag" in entries:
+                _remove_git_locks_since(registry, journal.stat().st_mtime)
+                done.append(_roll_back_publish(registry, work_dir, entries))
+            else:  # a --no-publish run killed while swapping its release into data/
+                _restore_release_entries(registry, work_dir, entries)
+                done.append(f"{entries['dataset']}: put back the data/ entries an interrupted --no-publish run was replacing")
         shutil.rmtree(work_dir, ignore_errors=True)
     return done
 
@@ -122,9 +127,16 @@ def _roll_back_publish(registry: DataRegistry, work_dir: Path, journal: dict[str
                 f"commit on {base[:12]}: inspect the repository, then delete {work_dir}"
             )
         registry.git("reset", "--quiet", "--soft", base)
-    release_dir = registry.release_dir(journal["dataset"])
     registry.unstage(base, [*snapshot.paths, f"data/{journal['dataset']}"])
     snapshot.restore()
+    _restore_release_entries(registry, work_dir, journal)
+    return f"{tag}: rolled back a publish interrupted at {head[:12]}"
+
+
+def _restore_release_entries(registry: DataRegistry, work_dir: Path, journal: dict[str, Any]) -> None:
+    """Put data/<dataset>/ back as it was before the swap: the previous entries set aside
+    in the work dir return, the new ones go."""
+    release_dir = registry.release_dir(journal["dataset"])
     previous = work_dir / "previous"
     for name in journal["names"]:
         current, original = release_dir / name, previous / name
@@ -136,4 +148,3 @@ def _roll_back_publish(registry: DataRegistry, work_dir: Path, journal: dict[str
             current.unlink(missing_ok=True)
         if original.exists():
             original.rename(current)
-    return f"{tag}: rolled back a publish interrupted at {head[:12]}"
