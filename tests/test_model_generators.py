@@ -272,7 +272,7 @@ def test_out_of_memory_becomes_an_actionable_error(tiny):
     ("generator.params.scheduler=FastScheduler", "scheduler 'FastScheduler' is not a diffusers scheduler class"),
     ("generator.params.pipeline=FluxPipe", "pipeline 'FluxPipe' is not a diffusers pipeline class"),
     ("generator.params.captions.params.examples_per_prompt=9", "generator.params.captions.params: template 'concept' has 5 examples"),
-    ("generator.params.captions.params.concepts.0.file=missing.txt", "generator.params.captions.params.concepts.0: cannot read"),
+    ("generator.params.captions.params.concepts.0.file=missing.txt", "generator.params.captions.params.concepts.0: file: cannot read 'missing.txt'"),
     ("generator.params.captions.params.temperature=0", "generator.params.captions.params.temperature: must be > 0"),
     ("generator.params.captions.kind=gpt", "generator.params.captions.kind: unknown generator 'gpt'"),
     ("checks.0.params.min_score=-1", "checks.0.params.min_score: must be ≥ 0"),
