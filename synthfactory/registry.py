@@ -92,6 +92,16 @@ def dvc_get(source: str, path: str, rev: str, out: Path, storage: StorageConfig 
 class DataRegistry:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        #: lock descriptors every DVC child inherits (see `lend_locks`)
+        self._lent_fds: tuple[int, ...] = ()
+
+    def lend_locks(self, fds: Sequence[int]) -> None:
+        """Let DVC children hold the run's locks too: if the run is killed during a
+        `dvc push` or `dvc commit`, the locks stay held until DVC exits, so no other run
+        recovers or publishes under it. (Not git's: `git commit` may leave a detached
+        `gc --auto` behind that would hold them for minutes; a killed git leaves at most
+        lock files, which recovery removes.)"""
+        self._lent_fds = tuple(fds)
 
     # -- setup -----------------------------------------------------------------------
     @classmethod
@@ -151,9 +161,10 @@ class DataRegistry:
         proc = subprocess.run(["git", "config", "user.email"], cwd=self.root, capture_output=True, text=True)
         return {} if proc.stdout.strip() else BOT_IDENTITY
 
-    def _run(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    def _run(self, argv: Sequence[str], env: Mapping[str, str] | None = None, lend: bool = False) -> str:
         full_env = {**os.environ, **self._identity_env, **(env or {})}
-        proc = subprocess.run(list(argv), cwd=self.root, env=full_env, capture_output=True, text=True)
+        proc = subprocess.run(list(argv), cwd=self.root, env=full_env, capture_output=True, text=True,
+                              pass_fds=self._lent_fds if lend else ())
         if proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).strip()
             command = " ".join([Path(argv[0]).name, *argv[1:]])
@@ -164,7 +175,7 @@ class DataRegistry:
         return self._run(["git", *args])
 
     def dvc(self, *args: str, env: Mapping[str, str] | None = None) -> str:
-        return self._run([dvc_executable(), *args], env=env)
+        return self._run([dvc_executable(), *args], env=env, lend=True)
 
     # -- releases --------------------------------------------------------------------
     def releases(self, dataset: str | None = None) -> list[Release]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,32 @@ def test_recording_a_stage_drops_stages_of_datasets_never_released(tmp_path):
     registry.record_stage("tiny", "synthfactory run recipes/tiny.yaml --no-publish", [])
     stages = yaml.safe_load((registry.root / "dvc.yaml").read_text())["stages"]
     assert list(stages) == ["tiny"]
+
+
+def test_a_dvc_child_holds_the_runs_locks_until_it_exits(tmp_path):
+    """Killed mid-`dvc push`, the flow's locks would drop while DVC still writes; DVC
+    children inherit them, so recovery and the next run wait for it to exit."""
+    import threading
+    import time
+
+    from synthfactory.files import flock_held, try_flock
+    from synthfactory.registry import DataRegistry
+
+    registry = DataRegistry.open(tmp_path / "registry")
+    lock, started, release = tmp_path / "run.lock", tmp_path / "child-started", tmp_path / "release-child"
+    fd = try_flock(lock)
+    registry.lend_locks((fd,))
+    child = threading.Thread(target=registry._run, kwargs={"lend": True}, args=([sys.executable, "-c", (
+        f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\n"
+        f"while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.02)\n")],))
+    child.start()
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.close(fd)  # the run dies; its child lives on
+    for _ in range(10):
+        assert flock_held(lock)
+        time.sleep(0.05)
+    release.touch()
+    child.join(timeout=60)
+    assert not flock_held(lock)

@@ -184,6 +184,7 @@ def prepare(request: ReleaseRequest) -> ReleaseJob:
         os.close(run_lock)
         raise
     _HELD_LOCKS[work_dir] = (run_lock, owner) if owner is not None else (run_lock,)
+    registry.lend_locks(_HELD_LOCKS[work_dir])
     return job
 
 
@@ -207,6 +208,7 @@ def _take_run_lock(registry: DataRegistry, dataset: str) -> int:
 
 def release_locks(job: ReleaseJob) -> None:
     """Let the next run of the dataset start (idempotent)."""
+    job.registry.lend_locks(())
     for fd in _HELD_LOCKS.pop(job.work_dir, ()):
         os.close(fd)
 
