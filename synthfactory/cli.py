@@ -76,6 +76,9 @@ def _release(recipe: Path, registry: Path, debug: bool = False, **options: objec
         return run_release(str(recipe), str(registry), **options)  # type: ignore[arg-type]
     except (RecipeError, ModelError, RegistryPathError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    except PermissionError as exc:  # a registry or recipe this user may not write or read
+        raise _fail(f"permission denied: {exc.filename or exc}: check the owner and mode of that path",
+                    EXIT_BAD_INPUT) from None
     except (StorageError, GateFailedError, ShardFailedError, RegistryError) as exc:
         raise _fail(str(exc)) from None
     except Exception as exc:  # a crashed worker, a bug: its traceback is in the run's logs (and with --debug, here)
