@@ -223,3 +223,15 @@ def test_a_permission_problem_is_one_line_naming_the_path_exit_2(tmp_path, monke
     result = CliRunner().invoke(app, ["run", str(text_recipe(tmp_path, "prompts.txt")), "--registry", str(tmp_path / "r")])
     assert result.exit_code == 2, result.output
     assert "permission denied: /srv/registry/.synthfactory" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("address", "warned"), [
+    ("tcp://10.0.0.5:8786", True), ("tcp://scheduler:8786", True), ("tcp://127.0.0.1:8786", False),
+    ("tcp://localhost:8786", False), ("tcp://[::1]:8786", False), ("tls://10.0.0.5:8786", False),
+])
+def test_a_plain_tcp_dask_scheduler_off_loopback_gets_a_warning(tmp_path, caplog, address, warned):
+    from synthfactory.release.job import execution_for
+
+    recipe = load_recipe(text_recipe(tmp_path, "prompts.txt"))
+    assert execution_for(recipe, dask_address=address).dask_address == address
+    assert ("Dask sends pickles over plain tcp://" in caplog.text) == warned

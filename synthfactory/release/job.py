@@ -9,6 +9,8 @@ and a private work dir. Every check that can fail on bad input runs here, first.
 from __future__ import annotations
 
 import functools
+import ipaddress
+import logging
 import os
 import posixpath
 import shlex
@@ -33,6 +35,8 @@ from synthfactory.release.recovery import OWNER_FILE, recover_interrupted
 from synthfactory.release.shard_cache import ShardCache
 from synthfactory.shards import ShardPlan, plan_shards
 from synthfactory.storage import ensure_bucket
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -137,10 +141,29 @@ def execution_for(recipe: Recipe, workers: int | None = None, dask_address: str 
     if dask_address:
         update.update(runner="dask", dask_address=dask_address)
     try:
-        return Execution.model_validate({**recipe.execution.model_dump(), **update})
+        execution = Execution.model_validate({**recipe.execution.model_dump(), **update})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}, got {e['input']!r}" for e in exc.errors())
         raise RecipeError(f"invalid run option: {problems}") from None
+    if execution.dask_address and _crosses_the_network(execution.dask_address):
+        logger.warning(
+            "dask_address %s: Dask sends pickles over plain tcp:// unencrypted and unauthenticated, and anyone "
+            "who can reach the scheduler can run code on its workers; across a network use tls:// with "
+            "certificates (see the README, Scale-out on Dask)", execution.dask_address,
+        )
+    return execution
+
+
+def _crosses_the_network(address: str) -> bool:
+    """A plain tcp:// scheduler address that is not loopback."""
+    scheme, _, rest = address.partition("://")
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if scheme != "tcp" or host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name: it resolves somewhere on the network
 
 
 class RunLockedError(RegistryError):
