@@ -346,10 +346,12 @@ class FileSnapshot:
     def paths(self) -> list[str]:
         return list(self._saved)
 
-    def changed(self) -> list[str]:
-        """Paths whose file no longer holds the saved bytes (or is there when it was not)."""
-        return [p for p, data in self._saved.items()
-                if file_digest(self._root / p) != (None if data is None else hashlib.sha256(data).hexdigest())]
+    def changed(self) -> dict[str, str | None]:
+        """Paths whose file no longer holds the saved bytes (or is there when it was not),
+        with the sha256 of what the file holds now (None: gone)."""
+        current = {p: file_digest(self._root / p) for p in self._saved}
+        return {p: digest for p, digest in current.items()
+                if digest != (None if self._saved[p] is None else hashlib.sha256(self._saved[p]).hexdigest())}
 
     def restore(self) -> None:
         for relative, data in self._saved.items():

@@ -225,7 +225,7 @@ def _take_run_lock(registry: DataRegistry, dataset: str) -> int:
         )
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: "
-                  f"{shlex.join(sys.argv[:1] + sys.argv[1:8])}\n".encode(), 0)
+                  f"{shlex.join(sys.argv[:8])}\n".encode(), 0)
     return fd
 
 

@@ -17,13 +17,20 @@ from synthfactory.release.recovery import SNAPSHOT_DIR, close_journal, recover, 
 from synthfactory.storage import StorageConfig
 
 
-def _swap_in(job: ReleaseJob) -> list[str]:
+def _swap_journal(job: ReleaseJob) -> dict[str, Any]:
+    """What a swap will move, for the journal that recovery reads: the staged entries and
+    which of them data/<dataset>/ already has."""
+    names = sorted(entry.name for entry in job.stage_dir.iterdir())
+    return {"dataset": job.recipe.name, "names": names,
+            "existing": [n for n in names if (job.release_dir / n).exists()]}
+
+
+def _swap_in(job: ReleaseJob, names: list[str]) -> list[str]:
     """Move the staged entries into data/<dataset>/, setting the previous ones aside in
     the work dir (renames on one filesystem); DVC's .gitignore there is left alone."""
     previous = job.work_dir / "previous"
     previous.mkdir()
     job.release_dir.mkdir(parents=True, exist_ok=True)
-    names = sorted(entry.name for entry in job.stage_dir.iterdir())
     for name in names:
         target = job.release_dir / name
         if target.exists():
@@ -53,12 +60,9 @@ def materialize(job: ReleaseJob) -> None:
     all or nothing: a journal names the entries first, so a run killed inside the swap
     is put back by the next run's recovery."""
     with job.registry.lock():
-        names = sorted(entry.name for entry in job.stage_dir.iterdir())
-        write_journal(job.work_dir, {
-            "dataset": job.recipe.name, "names": names,
-            "existing": [n for n in names if (job.release_dir / n).exists()],
-        })
-        _swap_in(job)
+        journal = _swap_journal(job)
+        write_journal(job.work_dir, journal)
+        _swap_in(job, journal["names"])
         close_journal(job.work_dir)
         _keep_only_this_release(job)
     shutil.rmtree(job.work_dir)
@@ -77,21 +81,18 @@ def publish(job: ReleaseJob, storage: StorageConfig, metrics: dict[str, Any]) ->
         snapshot = registry.snapshot(job.tracked_files())
         tag = registry.next_tag(name)
         message = f"Release {tag}: {metrics['samples']} samples from {job.recipe_file}"
-        names = sorted(entry.name for entry in job.stage_dir.iterdir())
         snapshot.save(job.work_dir / SNAPSHOT_DIR)
         synced = [(job.recipe_source, job.recipe_file), *job.inputs, *job.code]
         journal = {
-            "dataset": name,
+            **_swap_journal(job),
             "tag": tag,
             "base_commit": registry.git("rev-parse", "HEAD").strip(),
             "message": message,
-            "names": names,
-            "existing": [n for n in names if (job.release_dir / n).exists()],
             # what this publish writes, so a rollback never overwrites a later edit
             "written": {relative: file_digest(source) for source, relative in synced},
         }
         write_journal(job.work_dir, journal)
-        swapped = _swap_in(job)
+        swapped = _swap_in(job, journal["names"])
         try:
             for source, relative in synced:
                 registry.sync_file(source, relative)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from synthfactory.files import atomic_write_json, file_digest, flock_held
+from synthfactory.files import atomic_write_json, flock_held
 from synthfactory.registry import DataRegistry, FileSnapshot, RegistryError
 
 logger = logging.getLogger(__name__)
@@ -109,8 +109,7 @@ def _roll_back_publish(registry: DataRegistry, work_dir: Path, journal: dict[str
         return f"{tag}: the interrupted run had finished publishing"
     snapshot = FileSnapshot.load(registry.root, work_dir / SNAPSHOT_DIR)
     written = journal.get("written", {})
-    edited = [path for path in snapshot.changed()
-              if path in written and file_digest(registry.root / path) not in (written[path], None)]
+    edited = [path for path, now in snapshot.changed().items() if path in written and now not in (written[path], None)]
     if edited:
         raise RegistryError(
             f"an interrupted publish of {tag} would be rolled back, but {', '.join(edited)} changed since it was "
