@@ -40,7 +40,6 @@ from synthfactory.release.job import (
 )
 from synthfactory.release.report import run_markdown
 from synthfactory.release.summary import RunStats, RunSummary
-from synthfactory.shards import SHARDS_DIR
 from synthfactory.storage import StorageError
 from synthfactory.validation import prefetch_gx
 from tasks.generate import generate_shard
@@ -180,7 +179,8 @@ def generate_shards(job: ReleaseJob, runner: TaskRunner) -> list[ShardResult]:
                         f"(finished shards are kept in {job.cache.root}; a rerun reuses them)"
                     ) from exc
                 results.append(result)
-                feed.shard_ready(result.name, job.cache.entry(result.key) / SHARDS_DIR / result.name, result.samples)
+                shard, manifest = job.cache.shard_files(result.key, result.name)
+                feed.shard_ready(result.name, shard, result.samples, manifest)
                 progress.shard_done(result.samples)
                 update_progress_artifact(progress_id, 100.0 * len(results) / feed.feed.total_shards)
     except BaseException as exc:

@@ -135,6 +135,7 @@ def validate(release_dir: Annotated[Path, typer.Argument(help="a release directo
     from synthfactory.recipe import RecipeError, load_recipe
     from synthfactory.release.gate import gate_spec
     from synthfactory.release.verify import verify_release
+    from synthfactory.shards import MANIFEST
     from synthfactory.validation import manifest_frame, validate_manifest
     import pyarrow.parquet as pq
 
@@ -145,11 +146,13 @@ def validate(release_dir: Annotated[Path, typer.Argument(help="a release directo
     if not (release_dir / "manifest.parquet").is_file():
         raise _fail(f"{release_dir} has no manifest.parquet", EXIT_BAD_INPUT)
     checked, problems = verify_release(release_dir)
+    if problems and problems[0].startswith(MANIFEST):
+        raise _fail(f"{release_dir}: {problems[0]}; pull the release again", EXIT_FAILED)
     for problem in problems[:20]:
         console.print(f"[red]{escape(problem)}[/]", highlight=False)
     report_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-validation-"))
     gate = validate_manifest(manifest_frame(pq.read_table(release_dir / "manifest.parquet")), gate_spec(recipe), report_dir)
-    out.print(f"{checked} samples re-hashed, {len(problems)} problems; gate: {len(gate.outcomes)} expectations, "
+    out.print(f"{checked} samples match the manifest, {len(problems)} problems; gate: {len(gate.outcomes)} expectations, "
               f"{len(gate.failures)} failed (report: {report_dir / 'index.html'})", highlight=False)
     if not gate.success:
         out.print(gate.summary(), highlight=False)
@@ -346,7 +349,9 @@ def demo(
 
 @app.command()
 def server(
-    host: Annotated[str, typer.Option(help="interface the Prefect server listens on")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="interface the Prefect server listens on; beyond loopback only with PREFECT_SERVER_API_AUTH_STRING set (basic auth)")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="port of the Prefect API and UI")] = 4200,
     api_url: Annotated[
         Optional[str], typer.Option(help="use this running Prefect API (e.g. http://host:4200/api) instead of starting a server")

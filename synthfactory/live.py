@@ -52,6 +52,7 @@ class FeedShard:
     name: str  # e.g. shapes-000003.tar
     path: str  # absolute path of the durable accepted-samples tar
     samples: int
+    manifest: str | None = None  # absolute path of its manifest fragment (what readers check samples against)
 
 
 @dataclass
@@ -102,8 +103,8 @@ class FeedWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / FEED_FILE, asdict(self.feed))
 
-    def shard_ready(self, name: str, path: Path, samples: int) -> None:
-        self.feed.shards.append(FeedShard(name, str(path), samples))
+    def shard_ready(self, name: str, path: Path, samples: int, manifest: Path | None = None) -> None:
+        self.feed.shards.append(FeedShard(name, str(path), samples, str(manifest) if manifest else None))
         self._save()
 
     def close(self, state: str, message: str = "") -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +25,8 @@ from synthfactory.samples import Rejection, Sample
 
 #: release sub-directories: accepted samples, and samples a check refused (kept for inspection)
 SHARDS_DIR, REJECTED_DIR = "shards", "rejected"
+#: the release's one row per sample (what each shard holds, with its hashes)
+MANIFEST = "manifest.parquet"
 #: what names a sample, in the manifest and in the list of rejected samples
 SAMPLE_ID_COLUMNS: dict[str, pa.DataType] = {
     "key": pa.string(),
@@ -42,6 +44,7 @@ CORE_COLUMNS: dict[str, pa.DataType] = {
     "payload": pa.string(),
     "sha256": pa.string(),
     "bytes": pa.int64(),
+    "sample_sha256": pa.string(),
 }
 REJECTED_SCHEMA = pa.schema({**SAMPLE_ID_COLUMNS, "stage": pa.string(), "reason": pa.string()})
 
@@ -88,10 +91,26 @@ def tar_bytes(members: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
     return buffer.getvalue()
 
 
+#: manifest rows per Parquet row group: a reader checking one shard decodes a few groups, not the file
+MANIFEST_ROW_GROUP = 4096
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=MANIFEST_ROW_GROUP)
     return sink.getvalue().to_pybytes()
+
+
+def sample_digest(files: Mapping[str, bytes]) -> str:
+    """sha256 over every member of a sample (extension, length, bytes; in extension order):
+    the manifest's ``sample_sha256``, which readers check each sample against, so a changed
+    caption or label is caught as surely as a changed image."""
+    digest = hashlib.sha256()
+    for ext in sorted(files):
+        data = files[ext]
+        digest.update(f"{ext}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def write_shard(
@@ -125,6 +144,7 @@ def write_shard(
             "payload": sample.payload,
             "sha256": hashlib.sha256(payload).hexdigest(),
             "bytes": sum(len(b) for b in sample.files.values()),
+            "sample_sha256": sample_digest(sample.files),
         }
         for column, values in rows.items():
             values.append(core[column] if column in core else sample.columns.get(column))
@@ -180,6 +200,10 @@ class ShardFormatError(ValueError):
     """A shard that breaks the format's limits; the message names the member."""
 
 
+class DamagedShardError(ShardFormatError):
+    """A shard whose bytes are not the release's: unreadable, short, or a sample that differs."""
+
+
 def read_shard(source: Path | BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) per sample, grouping consecutive members like WebDataset.
     `source` is a path or a binary stream (S3, a cache file), read front to back once."""
@@ -199,3 +223,87 @@ def read_shard(source: Path | BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]
             files[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
     if key is not None:
         yield key, files
+
+
+@dataclass(frozen=True)
+class ExpectedSample:
+    """What the manifest records of one sample: enough to tell a damaged copy from the release."""
+
+    key: str
+    bytes: int
+    sha256: str | None  # sample_digest of every member; None in releases made before it existed
+    payload: str
+    payload_sha256: str
+
+
+def sample_problem(expected: ExpectedSample, key: str, files: Mapping[str, bytes], hashes: bool) -> str | None:
+    """Why sample (`key`, `files`) is not the release's `expected` sample, or None. Keys and
+    sizes are always compared; `hashes` also compares sha256 (every member where the
+    manifest has ``sample_sha256``, else the payload)."""
+    if key != expected.key:
+        return f"sample {key} where the release has {expected.key}"
+    size = sum(len(data) for data in files.values())
+    if size != expected.bytes:
+        return f"sample {key} holds {size} bytes, the release has {expected.bytes}"
+    if not hashes:
+        return None
+    if expected.sha256 is not None:
+        if sample_digest(files) != expected.sha256:
+            return f"sample {key} does not match its sha256"
+    elif expected.payload not in files or hashlib.sha256(files[expected.payload]).hexdigest() != expected.payload_sha256:
+        return f"sample {key}: payload .{expected.payload} does not match its sha256"
+    return None
+
+
+class ManifestIndex:
+    """A manifest read one shard at a time: only the row groups whose ``shard`` statistics
+    can hold the shard are decoded, so checking a shard costs the same in any size of release."""
+
+    _COLUMNS = ("shard", "key", "bytes", "sample_sha256", "payload", "sha256")
+
+    def __init__(self, source: Path | BinaryIO) -> None:
+        self._file = pq.ParquetFile(source)
+        names = self._file.schema_arrow.names
+        self._columns = [column for column in self._COLUMNS if column in names]
+        shard_column = names.index("shard")
+        self._groups = []
+        for group in range(self._file.num_row_groups):
+            stats = self._file.metadata.row_group(group).column(shard_column).statistics
+            bounds = (stats.min, stats.max) if stats is not None and stats.has_min_max else None
+            self._groups.append((group, bounds))
+
+    def samples(self, shard: str) -> list[ExpectedSample]:
+        """The samples the release has in `shard`, in shard order."""
+        groups = [g for g, bounds in self._groups if bounds is None or bounds[0] <= shard <= bounds[1]]
+        if not groups:
+            return []
+        rows = self._file.read_row_groups(groups, columns=self._columns).to_pylist()
+        return [
+            ExpectedSample(row["key"], row["bytes"], row.get("sample_sha256"), row["payload"], row["sha256"])
+            for row in rows
+            if row["shard"] == shard
+        ]
+
+
+def verified_samples(
+    source: Path | BinaryIO, expected: Sequence[ExpectedSample] | None, hashes: bool
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """`read_shard`, each sample checked against `expected` (the manifest's record of the
+    shard) before it is passed on; DamagedShardError for an unreadable tar, a sample that
+    differs, or a shard that holds more or fewer samples. `expected` None: only a
+    readable tar is checked (a live feed that names no manifest)."""
+    count = 0
+    try:
+        for key, files in read_shard(source):
+            if expected is not None:
+                if count >= len(expected):
+                    raise DamagedShardError(f"sample {key} is one more than the {len(expected)} the release has")
+                problem = sample_problem(expected[count], key, files, hashes)
+                if problem:
+                    raise DamagedShardError(problem)
+            count += 1
+            yield key, files
+    except (tarfile.TarError, EOFError, UnicodeDecodeError) as exc:
+        raise DamagedShardError(f"unreadable tar after {count} samples ({exc})") from None
+    if expected is not None and count < len(expected):
+        raise DamagedShardError(f"ends after {count} of its {len(expected)} samples")

@@ -105,7 +105,7 @@ def test_releases_validate_and_pull(tmp_path, storage_env, prefect, repo_root):
 
     checked = synthfactory("validate", str(tmp_path / "pulled"), cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "300 samples re-hashed, 0 problems" in checked.stdout
+    assert "300 samples match the manifest, 0 problems" in checked.stdout
 
     # Corrupt one shard: validate must notice.
     shard = sorted((tmp_path / "pulled" / "shards").glob("*.tar"))[0]

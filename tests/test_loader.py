@@ -26,7 +26,7 @@ from synthfactory.generators.procedural import ShapesGenerator
 from synthfactory.live import CONSUMERS_DIR, FeedWriter, live_dir
 from synthfactory.loader import DiskCache, LoaderError, consumer_index, consumer_share, iter_samples, load
 from synthfactory.samples import slot_for
-from synthfactory.shards import plan_shards, tar_bytes, write_tar
+from synthfactory.shards import fragment_path, manifest_schema, plan_shards, tar_bytes, write_shard
 from synthfactory.storage import StorageConfig
 
 CLASSES = ["circle", "square", "star"]
@@ -52,6 +52,11 @@ class Published:
 
     def md5(self, shard: str) -> str:
         return hashlib.md5(self.shard_files[shard].read_bytes()).hexdigest()
+
+    @property
+    def manifest(self) -> Path:
+        """The release's manifest: the loader caches it beside the shards (it checks them)."""
+        return self.release_dir / "manifest.parquet"
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +202,8 @@ def test_cold_cache_streams_from_s3_then_warm_cache_needs_no_s3(published: Publi
     cache = tmp_path / "cache"
     cold = {s["__key__"]: s["png"] for s in iter_samples("loadme", "v1", published.clone, cache_dir=cache, decode="raw")}
     assert sorted(cold) == sorted(published.keys)
-    assert {p.name for p in cache.iterdir()} == {".lock", *(published.md5(s) for s in published.shard_files)}
+    manifest_md5 = hashlib.md5(published.manifest.read_bytes()).hexdigest()
+    assert {p.name for p in cache.iterdir()} == {".lock", manifest_md5, *(published.md5(s) for s in published.shard_files)}
 
     # Credentials that S3 refuses: a fresh cache now fails, naming the variable and not the secret ...
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "garbage-secret")
@@ -236,17 +242,20 @@ def test_cache_never_exceeds_its_bound_and_evicts_least_recently_read(published:
     # LRU: read a, b; read a again; reading c evicts b, the least recently read.
     lru = tmp_path / "lru"
     a, b, c = sorted(sizes)[:3]
-    ordered = load("loadme", registry=published.clone, shuffle=False, cache_dir=lru, cache_bytes=sizes[a] + sizes[b] + sizes[c] - 1, decode="raw", fields=["txt"])
+    manifest = published.manifest.stat().st_size  # read (so kept recent) by each of the datasets below
+    ordered = load("loadme", registry=published.clone, shuffle=False, cache_dir=lru,
+                   cache_bytes=manifest + sizes[a] + sizes[b] + sizes[c] - 1, decode="raw", fields=["txt"])
     for names in ([a], [b], [a], [c]):
         assert len(list(ordered.select(names))) == SHARD_SIZE
         time.sleep(0.01)  # distinct mtimes
-    assert {p.name for p in lru.iterdir()} == {".lock", published.md5(a), published.md5(c)}
+    manifest_md5 = hashlib.md5(published.manifest.read_bytes()).hexdigest()
+    assert {p.name for p in lru.iterdir()} == {".lock", manifest_md5, published.md5(a), published.md5(c)}
 
     # A shard larger than the whole cache is streamed and not cached.
     tiny = tmp_path / "tiny"
     streamed = load("loadme", registry=published.clone, cache_dir=tiny, cache_bytes=min(sizes.values()) - 1, decode="raw", fields=["txt"])
     assert sorted(s["__key__"] for s in streamed) == sorted(published.keys)
-    assert cache_bytes_on_disk(tiny) == 0
+    assert {p.name for p in tiny.iterdir()} == {".lock", manifest_md5}  # the small manifest fits, no shard does
 
 
 def test_cache_reservations_count_and_dead_writers_are_reclaimed(tmp_path: Path) -> None:
@@ -317,15 +326,16 @@ class Producer(threading.Thread):
                 while self.writer.must_wait():
                     self.waits += 1
                     time.sleep(0.02)
-                path = self.root / "run-shards" / name
-                path.parent.mkdir(exist_ok=True)
+                run = self.root / "run"
+                path = run / "shards" / name
+                path.parent.mkdir(parents=True, exist_ok=True)
                 data = tar_bytes((s.slot.key, s.files) for s in samples)
                 path.write_bytes(data[: len(data) // 2])
                 time.sleep(self.delay)
-                write_tar(path, samples)
+                write_shard(run, name, run, samples, [], "procedural-shapes", "1", manifest_schema(ShapesGenerator.columns))
                 self.lags.append(len(self.writer.feed.shards) - (self.writer.slowest_reader() or 0))
                 self.ready[name] = time.monotonic()
-                self.writer.shard_ready(name, path, len(samples))
+                self.writer.shard_ready(name, path, len(samples), fragment_path(run, name, "manifest"))
             self.writer.close("finished")
         except BaseException as exc:  # surfaced by the test
             self.error = exc
@@ -393,6 +403,55 @@ def test_live_reader_fails_when_the_run_fails(tmp_path: Path) -> None:
 
 
 # -- bad input -------------------------------------------------------------------------------
+
+
+def flip_a_byte(path: Path) -> None:
+    """One byte in the middle of `path` changed, its size kept (DVC's cache files are read-only)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_cached_shard_is_dropped_and_fetched_again(published: Published, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cold = {s["__key__"]: s["png"] for s in iter_samples("loadme", 1, published.clone, cache_dir=cache, decode="raw", shuffle=False)}
+    shard = sorted(published.shard_files)[2]
+    flip_a_byte(cache / published.md5(shard))
+
+    dataset = load("loadme", 1, published.clone, cache_dir=cache, decode="raw", shuffle=False)
+    warm = {s["__key__"]: s["png"] for s in dataset}
+    assert warm == cold and dataset.refetched == 1
+    assert hashlib.md5((cache / published.md5(shard)).read_bytes()).hexdigest() == published.md5(shard)
+
+
+def test_a_damaged_object_in_dvcs_cache_is_fetched_again_from_s3(published: Published, tmp_path: Path) -> None:
+    """The registry's own DVC cache (a copy of it, so other tests keep theirs) serves
+    shards in place; a damaged object there is dropped and streamed from S3 instead."""
+    import shutil
+
+    registry = tmp_path / "registry"
+    shutil.copytree(published.registry, registry, symlinks=True)
+    shard = sorted(published.shard_files)[3]
+    md5 = published.md5(shard)
+    cached = registry / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    assert cached.is_file()
+    flip_a_byte(cached)
+
+    dataset = load("loadme", 1, registry, cache_dir=tmp_path / "cache", decode="raw", shuffle=False)
+    keys = [s["__key__"] for s in dataset]
+    assert keys == published.keys and dataset.refetched == 1
+    assert not cached.exists() or hashlib.md5(cached.read_bytes()).hexdigest() == md5
+
+
+def test_a_fresh_clone_with_a_wrong_secret_is_told_about_credentials(published: Published, tmp_path: Path, monkeypatch) -> None:
+    """No DVC index yet: listing the release needs S3, and S3 refuses the secret."""
+    clone = tmp_path / "fresh"
+    subprocess.run(["git", "clone", "--quiet", str(published.registry), str(clone)], check=True)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(LoaderError, match=r"S3 refused the credentials .*AWS_SECRET_ACCESS_KEY") as refused:
+        load("loadme", 1, clone, cache_dir=tmp_path / "cache")
+    assert "wrong-secret" not in str(refused.value) and "DataIndexDirError" not in str(refused.value)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from typing import Any
 
 from synthfactory.live import default_consumer
 from synthfactory.loader.cache import DEFAULT_CACHE_BYTES, DiskCache, default_cache_dir
-from synthfactory.loader.dataset import DECODE_MODES, ShardDataset, consumer_index, distributed_rank
+from synthfactory.loader.dataset import DECODE_MODES, VERIFY_MODES, ShardDataset, consumer_index, distributed_rank
 from synthfactory.loader.errors import LoaderError
 from synthfactory.loader.sources import DvcRelease, LiveRun, ReleaseDirectory, ShardSource, consumer_share, resolve_tag
 from synthfactory.registry import DataRegistry, RegistryError
@@ -48,6 +48,7 @@ def load(
     poll_s: float = 0.5,
     live_timeout_s: float = 3600.0,
     consumer: str | None = None,
+    verify: str = "sha256",
 ) -> ShardDataset:
     """A `torch.utils.data.IterableDataset` over release `dataset`@`version` of `registry`.
 
@@ -69,11 +70,20 @@ def load(
     torch.distributed's, else $RANK / $WORLD_SIZE, else 0 / 1. `shuffle_buffer` > 1 also shuffles
     samples within a sliding buffer. `cache_bytes` bounds the shard cache in `cache_dir`
     (default `default_cache_dir()`); 0 turns caching off.
+
+    Every sample is checked against the release's manifest before it is yielded: its key,
+    its size and (`verify="sha256"`, the default) the sha256 of every member;
+    `verify="size"` skips the hashing (see bench/loader_throughput.py for its cost). A
+    shard that ends short or holds more is caught at its end. A damaged copy in the shard
+    cache or DVC's cache is dropped and fetched again (counted in `.refetched`, logged);
+    a damaged source (a release directory, S3, a live run) raises LoaderError naming the shard.
     """
     if decode not in DECODE_MODES:
         raise LoaderError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
     if fields is not None and (isinstance(fields, str) or not fields):
         raise LoaderError(f"fields={fields!r}: give a non-empty list such as ['png', 'label']")
+    if verify not in VERIFY_MODES:
+        raise LoaderError(f"verify={verify!r}: choose one of {', '.join(VERIFY_MODES)}")
     if shuffle_buffer < 0 or cache_bytes < 0:
         raise LoaderError(f"shuffle_buffer={shuffle_buffer} and cache_bytes={cache_bytes} must be >= 0")
     rank, world_size = distributed_rank(rank, world_size)
@@ -104,7 +114,7 @@ def load(
         fields=tuple(fields) if fields is not None else None,
         classes=tuple(classes) if classes else source.classes(),
         shuffle=shuffle and not live, seed=seed, shuffle_buffer=shuffle_buffer,
-        rank=rank, world_size=world_size, cache=cache,
+        rank=rank, world_size=world_size, cache=cache, verify=verify,
     )  # fmt: skip
 
 

@@ -68,6 +68,15 @@ class DiskCache:
             os.utime(path)  # recency for LRU
         return handle
 
+    def drop(self, key: str) -> None:
+        """Remove entry `key` (found damaged): the next reader fetches it again. Readers
+        that have it open keep their (unlinked) file until they close it."""
+        with self._lock():
+            (self.root / key).unlink(missing_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
     def reserve(self, key: str, size: int) -> CacheWriter | None:
         """A writer for `size` bytes of entry `key`, or None when they cannot fit now."""
         if size > self.max_bytes:

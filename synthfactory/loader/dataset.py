@@ -4,13 +4,16 @@ of the shards in an epoch-seeded order, through the disk cache, decoding on the 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,9 +24,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 from synthfactory.loader.cache import DiskCache, Fetch
 from synthfactory.loader.errors import LoaderError
 from synthfactory.loader.sources import ShardRef, ShardSource
-from synthfactory.shards import read_shard
+from synthfactory.shards import ExpectedSample, ManifestIndex, ShardFormatError, verified_samples
 
 DECODE_MODES = ("torch", "pil", "raw")
+#: what each sample is checked against the release by: sha256 of every member, or sizes only
+VERIFY_MODES = ("sha256", "size")
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp"})
 #: the field built from the sample's JSON ``label``: the class index in the recipe's list
 LABEL_FIELD = "label"
@@ -81,8 +87,14 @@ class ShardDataset(IterableDataset):
         rank: int,
         world_size: int,
         cache: DiskCache | None,
+        verify: str = "sha256",
     ) -> None:
         self.source = source
+        self.hashes = verify == "sha256"
+        self._index: tuple[int, ManifestIndex] | None = None  # (pid, the release's manifest), opened per process
+        # shared like the epoch; unlocked, since a lock made here could not cross to workers
+        # of another start method (forkserver), and a drop is rare enough not to race
+        self._refetched = multiprocessing.Value("q", 0, lock=False)
         self.shard_names = source.shard_names()
         self.decode, self.fields, self.classes = decode, fields, classes
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
@@ -134,36 +146,101 @@ class ShardDataset(IterableDataset):
         for key, files, shard in raw:
             yield self._decoded(key, files, shard)
 
+    @property
+    def refetched(self) -> int:
+        """Damaged local copies (shard cache, DVC cache) this dataset dropped and fetched again."""
+        return self._refetched.value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_index": None}  # each process opens the manifest itself
+
     def _read(self, ref: ShardRef, stride: int, offset: int) -> Iterator[tuple[str, dict[str, bytes], str]]:
-        count = 0
-        with self._stream(ref) as stream:
-            for index, (key, files) in enumerate(read_shard(stream)):
-                count += 1
-                if index % stride == offset:
-                    yield key, files, ref.name
-        if ref.samples is not None and count != ref.samples:
-            raise LoaderError(f"shard {ref.name} holds {count} samples, its feed entry says {ref.samples}")
+        """The consumer's share of shard `ref`, every sample checked against the release
+        before it is passed on. A damaged local copy is dropped and the shard fetched
+        again, resuming after the samples already passed on; a damaged source raises."""
+        expected = self._expected(ref)
+        passed = 0
+        for attempt in (1, 2):
+            with self._stream(ref) as (stream, drop):
+                try:
+                    for index, (key, files) in enumerate(verified_samples(stream, expected, self.hashes)):
+                        if index < passed:
+                            continue
+                        passed += 1
+                        if index % stride == offset:
+                            yield key, files, ref.name
+                except ShardFormatError as exc:
+                    if drop is None or attempt == 2:
+                        raise LoaderError(f"shard {ref.name} of {self.source.label} is damaged: {exc}") from None
+                    self._drop_damaged(ref, drop, exc)
+                    continue
+            if ref.samples is not None and passed != ref.samples:
+                raise LoaderError(f"shard {ref.name} holds {passed} samples, its feed entry says {ref.samples}")
+            return
+
+    def _drop_damaged(self, ref: ShardRef, drop: Callable[[], None], problem: Exception) -> None:
+        log.warning("the local copy of %s (%s) is damaged: %s; dropped, fetching it again", ref.name, self.source.label, problem)
+        drop()
+        self._refetched.value += 1
+
+    def _expected(self, ref: ShardRef) -> list[ExpectedSample] | None:
+        """What the release says shard `ref` holds (None: a live feed naming no manifest)."""
+        if ref.manifest is not None:
+            try:
+                return ManifestIndex(Path(ref.manifest)).samples(ref.name)
+            except (OSError, ValueError) as exc:
+                raise LoaderError(f"shard {ref.name}: cannot read its manifest fragment {ref.manifest} ({exc})") from None
+        manifest = self.source.manifest_ref()
+        if manifest is None:
+            return None
+        if self._index is None or self._index[0] != os.getpid():
+            self._index = (os.getpid(), self._open_manifest(manifest))
+        return self._index[1].samples(ref.name)
+
+    def _open_manifest(self, ref: ShardRef) -> ManifestIndex:
+        """The release's manifest, checked against its DVC md5 (a damaged local copy is
+        dropped and fetched again, like a shard), read from a local file where there is one."""
+        for attempt in (1, 2):
+            with self._stream(ref) as (stream, drop):
+                if isinstance(stream, Fetch):
+                    data, local = stream.read(), None  # the md5 is checked as the fetch finishes
+                else:
+                    data, local = None, Path(stream.name)
+                    if ref.md5 is not None and hashlib.file_digest(stream, "md5").hexdigest() != ref.md5:
+                        problem = ShardFormatError(f"{ref.name} does not match its md5 {ref.md5}")
+                        if drop is None or attempt == 2:
+                            raise LoaderError(f"{ref.name} of {self.source.label} is damaged: {problem}") from None
+                        self._drop_damaged(ref, drop, problem)
+                        continue
+            if local is None and self.cache and ref.cache_key and self.cache.path(ref.cache_key).exists():
+                local = self.cache.path(ref.cache_key)
+            try:
+                return ManifestIndex(local if local is not None else io.BytesIO(data))  # type: ignore[arg-type]
+            except (OSError, ValueError) as exc:
+                raise LoaderError(f"{ref.name} of {self.source.label} is damaged: {exc}") from None
+        raise AssertionError("unreachable")
 
     @contextmanager
-    def _stream(self, ref: ShardRef) -> Iterator[Any]:
-        """The shard's bytes: in place, from the cache, or fetched (and cached on the way
-        when it fits; the entry is published only once the whole shard was read)."""
+    def _stream(self, ref: ShardRef) -> Iterator[tuple[Any, Callable[[], None] | None]]:
+        """(bytes of `ref`, how to drop them if damaged): from the loader's cache, a local
+        copy, in place (nothing to drop), or fetched (and cached on the way when it fits;
+        the entry is published only once the whole shard was read and its md5 matched)."""
         cached = self.cache.open(ref.cache_key) if self.cache and ref.cache_key else None
         if cached is not None:
             with cached:
-                yield cached
+                yield cached, lambda: self.cache.drop(ref.cache_key)  # type: ignore[union-attr,arg-type]
             return
-        source, local = self.source.open(ref)
+        source, origin = self.source.open(ref)
         with source:
-            if local:
-                yield source
+            if origin != "remote":
+                yield source, (lambda: self.source.drop_copy(ref, source)) if origin == "copy" else None
                 return
             size = source.seek(0, os.SEEK_END)
             source.seek(0)
             writer = self.cache.reserve(ref.cache_key, size) if self.cache and ref.cache_key else None
             fetch = Fetch(source, size, ref.name, ref.md5, writer)
             try:
-                yield fetch
+                yield fetch, None
                 fetch.finish()
             finally:
                 if writer is not None:

@@ -9,7 +9,8 @@
   run back.
 
 A source says which shards it has, plans which of them a consumer reads in an epoch
-(`schedule`), and opens one.
+(`schedule`), opens one, and names the manifest that says what each shard holds (the
+loader checks every sample against it before yielding it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Literal, Protocol
 
 import yaml
 
@@ -31,7 +32,7 @@ from synthfactory import settings
 from synthfactory.live import FeedReader, read_feed
 from synthfactory.loader.errors import LoaderError
 from synthfactory.registry import DataRegistry
-from synthfactory.shards import SHARDS_DIR, shard_name
+from synthfactory.shards import MANIFEST, SHARDS_DIR, shard_name
 from synthfactory.storage import ACCESS_KEY_VAR, ENDPOINT_VAR, SECRET_KEY_VAR, StorageError
 from synthfactory.tags import version_of
 
@@ -51,10 +52,15 @@ class ShardRef:
     cache_key: str | None = None
     md5: str | None = None
     samples: int | None = None  # live feed: samples the run wrote (catches a short shard)
+    manifest: str | None = None  # live feed: the shard's own manifest fragment
 
 
 #: a shard one consumer reads: (shard, stride, offset) over the shard's samples
 Assignment = tuple[ShardRef, int, int]
+#: what `open` returned: the source's own file (read in place), a local copy of it that
+#: can be dropped and fetched again (DVC's cache), or a remote stream (read through the
+#: loader's cache, its md5 checked)
+Origin = Literal["source", "copy", "remote"]
 
 
 class ShardSource(Protocol):
@@ -70,8 +76,16 @@ class ShardSource(Protocol):
         """The shards of `names` that `consumer` (of `consumers`) reads this epoch, in
         order; `order` shuffles them (None: as listed)."""
 
-    def open(self, ref: ShardRef) -> tuple[BinaryIO, bool]:
-        """(stream, local): local streams are read in place, others through the cache."""
+    def open(self, ref: ShardRef) -> tuple[BinaryIO, Origin]:
+        """The shard's bytes and where they come from."""
+
+    def manifest_ref(self) -> ShardRef | None:
+        """The release's manifest, opened like a shard; None when each shard names its own
+        (`ShardRef.manifest`)."""
+
+    def drop_copy(self, ref: ShardRef, stream: BinaryIO) -> None:
+        """Remove the damaged local copy `stream` (a "copy" origin), so the next `open`
+        fetches the shard again."""
 
 
 def consumer_share(position: int, shards: int, consumer: int, consumers: int) -> tuple[int, int] | None:
@@ -101,8 +115,9 @@ class _Release:
 
     label: str
 
-    def __init__(self, refs: list[ShardRef], recipe_text: str | None) -> None:
+    def __init__(self, refs: list[ShardRef], recipe_text: str | None, manifest: ShardRef) -> None:
         self.refs = {ref.name: ref for ref in refs}
+        self._manifest = manifest
         self._classes = _classes_of(recipe_text)
         self.recipe_name = (yaml.safe_load(recipe_text) or {}).get("name") if recipe_text else None
 
@@ -111,6 +126,9 @@ class _Release:
 
     def classes(self) -> tuple[str, ...] | None:
         return self._classes
+
+    def manifest_ref(self) -> ShardRef:
+        return self._manifest
 
     def schedule(self, names: Sequence[str], consumer: int, consumers: int, order: random.Random | None) -> Iterator[Assignment]:
         ordered = list(names)
@@ -127,14 +145,20 @@ class ReleaseDirectory(_Release):
 
     def __init__(self, path: Path) -> None:
         recipe = path / "recipe.yaml"
+        if not (path / MANIFEST).is_file():
+            raise LoaderError(f"release directory {path} has no {MANIFEST}: nothing to check its shards against")
         super().__init__(
             [ShardRef(p.name, str(p)) for p in sorted((path / SHARDS_DIR).glob("*.tar"))],
             recipe.read_text() if recipe.exists() else None,
+            ShardRef(MANIFEST, str(path / MANIFEST)),
         )
         self.label = str(path)
 
-    def open(self, ref: ShardRef) -> tuple[BinaryIO, bool]:
-        return open(ref.location, "rb"), True
+    def open(self, ref: ShardRef) -> tuple[BinaryIO, Origin]:
+        return open(ref.location, "rb"), "source"
+
+    def drop_copy(self, ref: ShardRef, stream: BinaryIO) -> None:
+        raise AssertionError("a release directory is read in place: it has no copies")
 
 
 class DvcRelease(_Release):
@@ -150,9 +174,10 @@ class DvcRelease(_Release):
         self.registry, self.dataset, self.tag = registry, dataset, tag
         self.label = f"{tag} in {registry.root}"
         self._fs_pid: tuple[int, Any] | None = None
-        shards_path = f"data/{dataset}/{SHARDS_DIR}"
+        shards_path, manifest_path = f"data/{dataset}/{SHARDS_DIR}", f"data/{dataset}/{MANIFEST}"
         with self._remote_errors(shards_path):  # the `.dir` listing: DVC's index keeps it, so a warm restart needs no S3
             found = self._fs().ls(shards_path, detail=True)
+            manifest_md5 = self._fs().info(manifest_path)["md5"]
         try:
             recipe_text = self._fs().read_text(f"data/{dataset}/recipe.yaml")
         except FileNotFoundError:
@@ -162,7 +187,7 @@ class DvcRelease(_Release):
             for e in sorted(found, key=lambda e: e["name"])
             if e["name"].endswith(".tar")
         ]
-        super().__init__(refs, recipe_text)
+        super().__init__(refs, recipe_text, ShardRef(MANIFEST, manifest_path, cache_key=manifest_md5, md5=manifest_md5))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs_pid": None}  # DataLoader workers open their own
@@ -174,32 +199,65 @@ class DvcRelease(_Release):
             self._fs_pid = (os.getpid(), DVCFileSystem(str(self.registry.root), rev=self.tag, remote_config=_remote_config()))
         return self._fs_pid[1]
 
-    def open(self, ref: ShardRef) -> tuple[BinaryIO, bool]:
-        """Local when DVC serves the object from its own cache."""
+    def open(self, ref: ShardRef) -> tuple[BinaryIO, Origin]:
+        """A copy when DVC serves the object from its own cache, else streamed from S3."""
         with self._remote_errors(ref.location):
             stream = self._fs().open(ref.location)
-        return stream, isinstance(stream, io.BufferedReader)
+        return stream, "copy" if isinstance(stream, io.BufferedReader) else "remote"
+
+    def drop_copy(self, ref: ShardRef, stream: BinaryIO) -> None:
+        """Remove the object from DVC's cache: DVC then streams it from the remote."""
+        Path(stream.name).unlink(missing_ok=True)
+        self._fs_pid = None  # a fresh filesystem, whose index has not seen the object
 
     @contextmanager
     def _remote_errors(self, path: str) -> Iterator[None]:
-        from botocore.exceptions import BotoCoreError, NoCredentialsError
+        """S3 and DVC failures as one LoaderError naming what to fix; DVC wraps S3's refusal
+        of a listing (a clone without DVC's index) in its own DataIndexDirError."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from dvc_data.index.index import DataIndexDirError
 
         try:
             yield
-        except NoCredentialsError:
+        except (OSError, BotoCoreError, ClientError, DataIndexDirError) as exc:
+            causes = _causes(exc)
+            if any(isinstance(cause, NoCredentialsError) for cause in causes):
+                raise LoaderError(
+                    f"cannot read {path} of {self.tag} from S3: no credentials; set {ACCESS_KEY_VAR} and "
+                    f"{SECRET_KEY_VAR} (and {ENDPOINT_VAR} for a non-AWS endpoint)"
+                ) from None
+            refused = next((c for c in causes if isinstance(c, PermissionError) or _auth_error_code(c)), None)
+            if refused is not None:
+                raise LoaderError(
+                    f"cannot read {path} of {self.tag}: S3 refused the credentials ({_auth_error_code(refused) or 'access denied'}); "
+                    f"check {ACCESS_KEY_VAR} and {SECRET_KEY_VAR} for {ENDPOINT_VAR}'s endpoint"
+                ) from None
+            if isinstance(exc, FileNotFoundError):
+                raise LoaderError(
+                    f"{path} of {self.tag}: not found (not tracked at that tag, or in neither DVC's cache nor the remote)"
+                ) from None
+            innermost = causes[-1]
             raise LoaderError(
-                f"cannot read {path} of {self.tag} from S3: no credentials; set {ACCESS_KEY_VAR} and "
-                f"{SECRET_KEY_VAR} (and {ENDPOINT_VAR} for a non-AWS endpoint)"
+                f"cannot read {path} of {self.tag} from S3 ({type(innermost).__name__}: {innermost}); check "
+                f"{ACCESS_KEY_VAR}, {SECRET_KEY_VAR} and {ENDPOINT_VAR}"
             ) from None
-        except FileNotFoundError:
-            raise LoaderError(
-                f"{path} of {self.tag}: not found (not tracked at that tag, or in neither DVC's cache nor the remote)"
-            ) from None
-        except (OSError, BotoCoreError) as exc:
-            raise LoaderError(
-                f"cannot read {path} of {self.tag} from S3 ({type(exc).__name__}: {exc}); check {ACCESS_KEY_VAR}, "
-                f"{SECRET_KEY_VAR} and {ENDPOINT_VAR}"
-            ) from None
+
+
+#: S3 error codes that mean the credentials are wrong or lack the right
+_AUTH_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"})
+
+
+def _auth_error_code(exc: BaseException) -> str | None:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    return code if code in _AUTH_CODES else None
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it was raised from, outermost first."""
+    chain = [exc]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain and len(chain) < 20:
+        chain.append(nxt)
+    return chain
 
 
 def _remote_config() -> dict[str, str]:
@@ -264,11 +322,17 @@ class LiveRun:
     def classes(self) -> tuple[str, ...] | None:
         return self._classes
 
-    def open(self, ref: ShardRef) -> tuple[BinaryIO, bool]:
+    def open(self, ref: ShardRef) -> tuple[BinaryIO, Origin]:
         try:
-            return open(ref.location, "rb"), False  # the run's scratch space: copied into the cache as it is read
+            return open(ref.location, "rb"), "remote"  # the run's scratch space: copied into the cache as it is read
         except FileNotFoundError:
             raise LoaderError(f"shard {ref.name} of {self.label} is gone from {ref.location}") from None
+
+    def manifest_ref(self) -> None:
+        return None  # each feed entry names its shard's manifest fragment
+
+    def drop_copy(self, ref: ShardRef, stream: BinaryIO) -> None:
+        raise AssertionError("a live run's shards are read from the run itself: they have no copies")
 
     def schedule(self, names: Sequence[str], consumer: int, consumers: int, order: random.Random | None) -> Iterator[Assignment]:
         """Follow the feed: this consumer's share of the selected shards in feed order
@@ -296,7 +360,7 @@ class LiveRun:
                             if share is not None:
                                 progress.at(position)
                                 yield ShardRef(entry.name, entry.path, f"live-{self.run_id}-{entry.name}",
-                                               samples=entry.samples), *share
+                                               samples=entry.samples, manifest=entry.manifest), *share
                         position += 1
                     last_news = time.monotonic()
                     continue

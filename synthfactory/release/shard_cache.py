@@ -13,22 +13,24 @@ Entry layout (the same as a release, so staging only hard-links files)::
     <key>/rejected/<name>.tar         refused samples with content (optional)
     <key>/<stem>.manifest.parquet     manifest fragment
     <key>/<stem>.rejected.parquet     rejected fragment
-    <key>/result.json                 counts and timings, plus the file sizes to verify
+    <key>/result.json                 counts and timings, plus each file's size and sha256
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
-from synthfactory.files import fsync_dir, fsync_tree
-from synthfactory.shards import REJECTED_DIR, SHARDS_DIR
+from synthfactory.files import file_digest, fsync_dir, fsync_tree
+from synthfactory.shards import REJECTED_DIR, SHARDS_DIR, fragment_path
 
 RESULT_FILE = "result.json"
+log = logging.getLogger(__name__)
 
 
 class ShardCache:
@@ -46,25 +48,27 @@ class ShardCache:
         path.mkdir(parents=True)
         return path
 
-    def lookup(self, key: str) -> dict[str, Any] | None:
-        """The recorded result of a finished entry, or None. An entry whose files do not
-        have the recorded sizes (disk damage, a hand edit) is discarded and regenerated."""
+    def lookup(self, key: str, *, hashes: bool = True) -> dict[str, Any] | None:
+        """The recorded result of a finished entry, or None. An entry whose files differ from
+        the recorded sizes or (with `hashes`, before a reuse) sha256 — disk damage, a hand
+        edit — is discarded, with a warning, and regenerated."""
         entry = self.entry(key)
         try:
             result = json.loads((entry / RESULT_FILE).read_text())
         except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
             return None
-        files = result.get("files", {})
-        if not files or any(not (entry / name).is_file() or (entry / name).stat().st_size != size
-                            for name, size in files.items()):
+        problem = _damage(entry, result.get("files"), hashes)
+        if problem:
+            log.warning("shard cache entry %s is damaged (%s): discarded, the shard is made again", entry, problem)
             shutil.rmtree(entry, ignore_errors=True)
             return None
         return result
 
     def commit(self, staging: Path, key: str, result: dict[str, Any]) -> Path:
-        """Record `result` with the sizes of the staged files, flush, and rename the staging
-        directory into place. If another attempt committed the same key first, keep theirs."""
-        files = {p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
+        """Record `result` with the size and sha256 of each staged file, flush, and rename the
+        staging directory into place. If another attempt committed the same key first, keep theirs."""
+        files = {p.relative_to(staging).as_posix(): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+                 for p in sorted(staging.rglob("*")) if p.is_file()}
         (staging / RESULT_FILE).write_text(json.dumps({**result, "files": files}, sort_keys=True))
         fsync_tree(staging)
         entry = self.entry(key)
@@ -72,17 +76,22 @@ class ShardCache:
             os.rename(staging, entry)
         except OSError:  # the same shard finished twice (a retry raced a slow attempt)
             shutil.rmtree(staging, ignore_errors=True)
-            if self.lookup(key) is None:
+            if self.lookup(key, hashes=False) is None:
                 raise
         fsync_dir(self.root)
         return entry
+
+    def shard_files(self, key: str, name: str) -> tuple[Path, Path]:
+        """(accepted-samples tar, manifest fragment) of shard `name` in entry `key`."""
+        entry = self.entry(key)
+        return entry / SHARDS_DIR / name, fragment_path(entry, name, "manifest")
 
     def link_into(self, key: str, name: str, stage_dir: Path) -> None:
         """Put the entry's tars into a release being staged: hard links (no copy), or a
         copy where links are impossible. Later steps replace files, never edit them, so
         the entry's bytes stay intact. An entry that lost a file it recorded fails loudly."""
         entry = self.entry(key)
-        result = self.lookup(key)
+        result = self.lookup(key, hashes=False)  # the run's reuse of it checked the content
         if result is None:
             raise FileNotFoundError(f"shard {name}: its cache entry {entry} is gone or damaged; rerun to regenerate it")
         for sub in (SHARDS_DIR, REJECTED_DIR):
@@ -107,3 +116,20 @@ class ShardCache:
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
         return removed
+
+
+def _damage(entry: Path, files: Any, hashes: bool) -> str | None:
+    """What is wrong with the entry's files against their record, or None."""
+    if not isinstance(files, dict) or not files:
+        return "no record of its files"
+    for name, recorded in files.items():
+        path = entry / name
+        if not isinstance(recorded, dict):
+            return "recorded without hashes (an older format)"
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != recorded["bytes"]:
+            return f"{name} holds {path.stat().st_size} bytes, recorded {recorded['bytes']}"
+        if hashes and file_digest(path) != recorded["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None

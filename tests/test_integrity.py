@@ -1,0 +1,149 @@
+"""What a trainer reads is what was released: the loader and `validate` check every sample
+against the manifest, and the shard cache verifies content before a reuse. Without servers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from synthfactory.loader import LoaderError, iter_samples
+from synthfactory.recipe import parse_recipe
+from synthfactory.release.build import build_shard, make_shard
+from synthfactory.release.shard_cache import ShardCache
+from synthfactory.release.verify import verify_release
+from synthfactory.shards import MANIFEST, SHARDS_DIR, fragment_path, parquet_bytes, plan_shards, read_shard
+
+RECIPE_FIELDS = {
+    "name": "intact",
+    "generator": {"kind": "procedural-shapes", "params": {"image_size": 24, "classes": ["circle", "square"]}},
+    "samples": 60,
+    "shard_size": 20,
+    "seed": 5,
+}
+RECIPE = parse_recipe(RECIPE_FIELDS)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A release directory as `dvc get` leaves it: shards, manifest, recipe."""
+    root = tmp_path_factory.mktemp("release")
+    fragments = root / "fragments"
+    plans = plan_shards(RECIPE.name, RECIPE.samples, RECIPE.shard_size)
+    for plan in plans:
+        build_shard(RECIPE, plan, root / "intact", fragments)
+    tables = [pq.read_table(fragment_path(fragments, plan.name, "manifest")) for plan in plans]
+    (root / "intact" / MANIFEST).write_bytes(parquet_bytes(pa.concat_tables(tables)))
+    (root / "intact" / "recipe.yaml").write_text(yaml.safe_dump(RECIPE_FIELDS))
+    return root / "intact"
+
+
+def members(shard: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(shard) as tar:
+        return tar.getmembers()
+
+
+def damage(release: Path, tmp_path: Path, how: str) -> tuple[Path, str]:
+    """A copy of `release` with its second shard damaged `how`; (copy, damaged shard)."""
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(release, copy)
+    shard = sorted((copy / SHARDS_DIR).glob("*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    if how in ("txt", "json", "png"):  # one byte of the 5th sample's member, same size
+        member = [m for m in members(shard) if m.name.endswith(f".{how}")][4]
+        data[member.offset_data + member.size // 2] ^= 0x01
+    elif how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "header":  # the 7th member's header: its name and checksum
+        member = members(shard)[6]
+        data[member.offset : member.offset + 8] = b"\x00garbage"
+    shard.write_bytes(bytes(data))
+    return copy, shard.name
+
+
+def original_samples(release: Path) -> dict[str, dict[str, bytes]]:
+    return {key: files for shard in sorted((release / SHARDS_DIR).glob("*.tar")) for key, files in read_shard(shard)}
+
+
+@pytest.mark.parametrize("how", ["txt", "json", "png", "truncated", "header"])
+def test_the_loader_yields_only_released_samples_and_names_a_damaged_shard(release: Path, tmp_path: Path, how: str) -> None:
+    copy, shard = damage(release, tmp_path, how)
+    originals = original_samples(release)
+    yielded = []
+    with pytest.raises(LoaderError, match=rf"shard {shard} of .* is damaged: "):
+        for sample in iter_samples("intact", registry=copy, shuffle=False, decode="raw"):
+            yielded.append(sample)
+    assert yielded, "the first shard is intact and read first"
+    for sample in yielded:
+        assert {ext: sample[ext] for ext in ("json", "png", "txt")} == originals[sample["__key__"]]
+    assert len(yielded) < len(originals)
+
+
+def test_sizes_only_verification_still_catches_a_short_shard(release: Path, tmp_path: Path) -> None:
+    copy, shard = damage(release, tmp_path, "truncated")
+    with pytest.raises(LoaderError, match=rf"shard {shard} .* is damaged: (ends after|unreadable tar)"):
+        list(iter_samples("intact", registry=copy, shuffle=False, decode="raw", verify="size"))
+    with pytest.raises(LoaderError, match=r"verify='md5': choose one of sha256, size"):
+        iter_samples("intact", registry=copy, verify="md5")
+
+
+@pytest.mark.parametrize("how", ["txt", "json", "png", "truncated", "header"])
+def test_verify_names_every_kind_of_damaged_shard(release: Path, tmp_path: Path, how: str) -> None:
+    assert verify_release(release) == (60, [])
+    copy, shard = damage(release, tmp_path, how)
+    checked, problems = verify_release(copy)
+    assert len(problems) == 1 and problems[0].startswith(f"{shard} is damaged: "), problems
+    assert checked < 60
+
+
+def test_validate_names_a_damaged_manifest_in_one_line(release: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "torn"
+    shutil.copytree(release, copy)
+    manifest = copy / MANIFEST
+    manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    done = subprocess.run([sys.executable, "-m", "synthfactory.cli", "validate", str(copy)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{MANIFEST} is damaged" in done.stderr and "pull the release again" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_shard_cache_entry_with_flipped_bytes_is_not_reused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = ShardCache(tmp_path / "cache")
+    plan = plan_shards(RECIPE.name, RECIPE.samples, RECIPE.shard_size)[0]
+    made = make_shard(RECIPE, plan, cache, "k1")
+    tar, _ = cache.shard_files("k1", plan.name)
+    good = tar.read_bytes()
+    assert make_shard(RECIPE, plan, cache, "k1").reused
+
+    flipped = bytearray(good)
+    flipped[len(flipped) // 3] ^= 0x01  # same size: a size check passes it
+    tar.chmod(0o644)
+    tar.write_bytes(bytes(flipped))
+    again = make_shard(RECIPE, plan, cache, "k1")
+    assert not again.reused and again.samples == made.samples
+    assert tar.read_bytes() == good
+    assert any("is damaged" in r.message and "does not match its recorded sha256" in r.message for r in caplog.records)
+
+
+def test_manifests_record_every_member(release: Path) -> None:
+    """`sample_sha256` covers caption and label too: the column the checks above rely on."""
+    from synthfactory.shards import sample_digest
+
+    rows = pq.read_table(release / MANIFEST, columns=["key", "sample_sha256"]).to_pylist()
+    originals = original_samples(release)
+    assert all(row["sample_sha256"] == sample_digest(originals[row["key"]]) for row in rows)
+    changed = dict(originals[rows[0]["key"]], txt=b"another caption")
+    assert sample_digest(changed) != rows[0]["sample_sha256"]
+    assert json.loads(originals[rows[0]["key"]]["json"])  # the label lives in a member the digest covers
