@@ -6,21 +6,46 @@ instances (a test run next to a user's demo) would collide, so every listening p
 picked free and passed explicitly: weed exits on an explicitly requested HTTP port that
 is taken instead of silently moving to another one. Credentials reach weed through its
 environment only, never its command line (visible to every user via ``ps``).
+
+Only the S3 port is meant for clients, and only with the S3 keys. Left as weed starts
+them, the other ports are side doors to the bucket for any local user: the filer lists,
+serves and accepts files over HTTP, the master hands out volume write tokens to whoever
+asks, the volume server takes writes to any file id, and every gRPC port does anything
+for an unauthenticated client. So each start writes ``<data_dir>/security/`` (mode 0700,
+read by weed through ``-config_dir``): a private ``security.toml`` with random keys kept
+for the data dir's lifetime, and a throwaway CA with one certificate. With it
+
+* master and filer serve no HTTP API (``-disableHttp``); S3 reaches them over gRPC;
+* the volume server reads and writes only with a JWT signed by the data dir's keys
+  (``[jwt.signing]``, ``[jwt.signing.read]``), which master and filer mint over gRPC;
+  the filer's JWT keys are set too (they gate its IAM gRPC service);
+* every gRPC port (and its unix socket twin) requires mutual TLS with a certificate from
+  the data dir's CA, whose private key is dropped once it has signed weed's certificate;
+* the admin server (UI off) has a random password should its UI ever be turned on.
+
+Without credentials only status stays readable: the master's cluster page, the volume
+server's ``/status``, the admin server's ``/health`` and ``/metrics``. The unix sockets
+weed opens in /tmp are the owner's only (umask 077).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import json
 import os
 import secrets
 import stat
 import subprocess
 import sysconfig
 import time
+import tomllib
 import urllib.parse
 from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from shutil import which
+from typing import NamedTuple
 
 import urllib3
 from filelock import FileLock
@@ -45,6 +70,18 @@ HOST = "127.0.0.1"
 LOG_FILE = "weed.log"
 PID_FILE = "weed.pid"
 ENV_FILE = "s3.env"
+SECURITY_DIR = "security"  # in the data dir, mode 0700; weed's -config_dir
+SECURITY_FILE = "security.toml"
+CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "weed.crt", "weed.key"
+#: keys of the JWTs the volume server (signed by master/filer) and the filer (signed by S3)
+#: demand, for writes and for reads
+JWT_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
+SECRET_SETTINGS = (*(f"{section}.key" for section in JWT_SECTIONS), "admin.password")
+#: every [grpc.<component>] weed serves or dials with; all share one certificate, which is
+#: both server and client certificate (once set, weed requires client certificates)
+GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "client", "msg_broker", "msg_agent", "mq")
+CERT_LIFETIME = timedelta(days=3650)
+CERT_RENEWAL = timedelta(days=30)  # a certificate this close to its end is replaced at start
 #: every port weed mini listens on once webdav, iceberg and lance are disabled
 PORT_FLAGS = (
     "s3.port",
@@ -114,6 +151,16 @@ class EmbeddedS3:
 
     def __repr__(self) -> str:
         return f"EmbeddedS3(data_dir={str(self.data_dir)!r}, bucket={self.bucket!r}, pid={self.pid})"
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Every port weed was told to listen on, by flag name (empty before a start)."""
+        return dict(self._ports)
+
+    @property
+    def security(self) -> SecurityFiles:
+        """The data dir's security.toml and gRPC certificate files (see `prepare_security`)."""
+        return security_files(self.data_dir)
 
     def __enter__(self) -> EmbeddedS3:
         self.start()
@@ -201,12 +248,16 @@ class EmbeddedS3:
         return ports
 
     def _spawn(self, ports: dict[str, int]) -> None:
-        # -logdir keeps glog's files out of /tmp; cwd=data_dir keeps weed from reading
-        # a stray security.toml/master.toml in the caller's working directory.
+        security = prepare_security(self.data_dir)
+        # -logdir keeps glog's files out of /tmp; cwd=data_dir keeps weed from reading a
+        # stray master.toml/filer.toml in the caller's working directory; -config_dir is
+        # searched first, so our security.toml shadows ~/.seaweedfs's and /etc/seaweedfs's.
         command = [
             weed_binary(),
             f"-logdir={self.data_dir / 'logs'}",
+            f"-config_dir={security.config.parent}",
             "mini",
+            "-disableHttp",  # master and filer: no HTTP API, S3 uses their gRPC
             f"-dir={self.data_dir}",
             f"-ip={HOST}",
             f"-ip.bind={HOST}",
@@ -218,7 +269,10 @@ class EmbeddedS3:
             "-s3.port.lance=0",
             *(f"-{flag}={port}" for flag, port in ports.items()),
         ]
-        env = {**os.environ, ACCESS_KEY_VAR: self.access_key, SECRET_KEY_VAR: self.secret_key}
+        # weed lets WEED_* variables override security.toml: drop the caller's, so none
+        # can swap our keys or point weed at another cluster's CA
+        env = {name: value for name, value in os.environ.items() if not name.startswith("WEED_")}
+        env.update({ACCESS_KEY_VAR: self.access_key, SECRET_KEY_VAR: self.secret_key})
         if self.detach:
             try:
                 self.pid = spawn_detached(command, self.log_path, env, self.data_dir)
@@ -264,6 +318,142 @@ class EmbeddedS3:
 
 class _PortTaken(Exception):
     """weed lost a race for one of the free ports; starting again picks new ones."""
+
+
+class SecurityFiles(NamedTuple):
+    """Where a data dir's weed security settings live. `ca`, `cert` and `key` also let a
+    trusted client (a test, an operator's tool) make mutual-TLS gRPC calls to the server."""
+
+    config: Path
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def security_files(data_dir: Path) -> SecurityFiles:
+    directory = Path(data_dir).resolve() / SECURITY_DIR
+    return SecurityFiles(*(directory / name for name in (SECURITY_FILE, CA_FILE, CERT_FILE, KEY_FILE)))
+
+
+def prepare_security(data_dir: Path) -> SecurityFiles:
+    """Write `data_dir`'s security.toml (JWT keys, admin password, gRPC mTLS) and its
+    certificates, all readable by the owner only. Secrets come from secrets.token_urlsafe
+    once per data dir and are reused on restart; the certificates too while valid. The
+    file is rewritten each time, so its paths follow a moved data dir. Nothing here goes
+    to a command line or a log."""
+    files = security_files(data_dir)
+    files.config.parent.mkdir(mode=0o700, exist_ok=True)
+    files.config.parent.chmod(0o700)
+    if not _certificate_usable(files):
+        _write_certificates(files)
+    _write_private_file(files.config, _security_toml(files, _saved_secrets(files.config)).encode())
+    return files
+
+
+def _saved_secrets(config: Path) -> dict[str, str]:
+    """The secrets (`SECRET_SETTINGS`) a previous start saved in `config`; a fresh random
+    one for each that is missing or too short."""
+    try:
+        saved = tomllib.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        saved = {}
+    found = {}
+    for name in SECRET_SETTINGS:
+        value: object = saved
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        found[name] = value if isinstance(value, str) and len(value) >= 32 else secrets.token_urlsafe(32)
+    return found
+
+
+def _security_toml(files: SecurityFiles, keys: dict[str, str]) -> str:
+    def quoted(value: str) -> str:
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+
+    lines = [
+        "# Written by synthfactory at each start of the embedded S3 server; private, holds its secrets.",
+        "",
+    ]
+    for section in JWT_SECTIONS:
+        lines += [f"[{section}]", f"key = {quoted(keys[f'{section}.key'])}", ""]
+    lines += [
+        "[access]", "ui = false", "",  # no volume server UI
+        "[filer.expose_directory_metadata]", "enabled = false", "",
+        "[admin]", 'user = "admin"', f"password = {quoted(keys['admin.password'])}", "",
+        "[grpc]", f"ca = {quoted(str(files.ca))}", "",
+    ]
+    for component in GRPC_COMPONENTS:
+        lines += [f"[grpc.{component}]", f"cert = {quoted(str(files.cert))}", f"key = {quoted(str(files.key))}", ""]
+    return "\n".join(lines)
+
+
+def _certificate_usable(files: SecurityFiles) -> bool:
+    """Whether the saved certificate is signed by the saved CA, matches the saved key and
+    is not about to expire."""
+    from cryptography import x509  # imported here: only a start needs it
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+        cert.verify_directly_issued_by(ca)
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return False
+    fresh = cert.not_valid_after_utc - datetime.now(timezone.utc) > CERT_RENEWAL
+    return fresh and cert.public_key() == key.public_key()
+
+
+def _write_certificates(files: SecurityFiles) -> None:
+    """A new CA, and one certificate for every weed component as server and client. The
+    CA's private key is never stored, so nothing else can be signed by it: the data dir's
+    key file is the only way into the gRPC ports."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.now(timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"synthfactory S3 CA {secrets.token_hex(4)}")])
+
+    def signed(
+        subject: x509.Name, public_key: ec.EllipticCurvePublicKey, *extensions: tuple[x509.ExtensionType, bool]
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + CERT_LIFETIME)
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    def usage(**enabled: bool) -> x509.KeyUsage:
+        names = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+                 "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+        return x509.KeyUsage(**{name: enabled.get(name, False) for name in names})
+
+    ca = signed(
+        ca_name, ca_key.public_key(),
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (usage(key_cert_sign=True, crl_sign=True), True),
+        (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False),
+    )
+    cert = signed(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "synthfactory-weed")]), key.public_key(),
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (usage(digital_signature=True), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+        (x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]), False),
+        (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False),
+    )
+    pem = serialization.Encoding.PEM
+    private = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write_private_file(files.key, private)
+    _write_private_file(files.cert, cert.public_bytes(pem))
+    _write_private_file(files.ca, ca.public_bytes(pem))
 
 
 def start_daemon(data_dir: Path, bucket: str = DEFAULT_BUCKET) -> StorageConfig:
@@ -335,11 +525,16 @@ def _endpoint_port(endpoint_url: str | None) -> int | None:
 
 def _write_private(path: Path, values: dict[str, str | None]) -> None:
     """Write KEY=VALUE lines readable by the owner only, atomically."""
+    _write_private_file(path, "".join(f"{key}={value}\n" for key, value in values.items() if value).encode())
+
+
+def _write_private_file(path: Path, data: bytes) -> None:
+    """Write `data` to a file readable by the owner only, atomically."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
+    with os.fdopen(fd, "wb") as handle:
         os.fchmod(handle.fileno(), 0o600)
-        handle.writelines(f"{key}={value}\n" for key, value in values.items() if value)
+        handle.write(data)
     os.replace(tmp, path)
 
 
