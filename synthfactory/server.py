@@ -7,12 +7,17 @@ Plain process supervision: the children are Prefect's own commands (`prefect ser
 stopped in reverse. Each child runs in its own session, so a terminal's Ctrl-C reaches only
 the supervisor, which then stops the worker before the server it reports to. Secrets reach
 the children through the environment or the S3 env file, never their command lines.
+
+Exposure: the Prefect API runs any deployment with any parameters for whoever reaches it, so
+a server listening beyond loopback needs basic auth (PREFECT_SERVER_API_AUTH_STRING); this is
+checked, with the placeholder secrets of infra/stack.env.example, before anything starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import os
 import signal
 import subprocess
@@ -36,6 +41,14 @@ SERVER_GRACE_S = 15.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: the server's database settings; only the server needs them (the URL may hold a password)
 DATABASE_VARS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_PASSWORD")
+#: basic auth ("user:password"): what the server requires, and what its clients send
+SERVER_AUTH_VAR = "PREFECT_SERVER_API_AUTH_STRING"
+CLIENT_AUTH_VAR = "PREFECT_API_AUTH_STRING"
+#: settings only the server process gets; deploys, workers and flow runs never see them
+SERVER_ONLY_VARS = (*DATABASE_VARS, SERVER_AUTH_VAR)
+#: secrets that must not hold infra/stack.env.example's placeholders (values starting so)
+SECRET_VARS = (SERVER_AUTH_VAR, CLIENT_AUTH_VAR, "PREFECT_API_DATABASE_PASSWORD", "AWS_SECRET_ACCESS_KEY")
+PLACEHOLDER_PREFIX = "change-me"
 #: where a worker's checkout is; prefect.yaml's pull step changes into it
 CHECKOUT_VAR = "SYNTHFACTORY_CHECKOUT"
 WILDCARD_HOSTS = ("0.0.0.0", "::")
@@ -84,6 +97,89 @@ def read_prefect_file(path: Path) -> list[DeploymentSpec]:
             raise ServerInputError(f"{path}: deployment #{number} has no {', '.join(missing)}")
         specs.append(DeploymentSpec(str(entry["name"]), str(pool["name"])))
     return specs
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` keeps the API on this machine: localhost, 127.0.0.0/8, ::1.
+    Any other name or address (0.0.0.0, a LAN address, a host name) may be reachable."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def is_placeholder(value: str) -> bool:
+    """A secret still as infra/stack.env.example ships it: `change-me...`, or `user:change-me...`."""
+    value = value.strip().lower()
+    return value.startswith(PLACEHOLDER_PREFIX) or value.partition(":")[2].startswith(PLACEHOLDER_PREFIX)
+
+
+def check_secrets(environ: Mapping[str, str]) -> None:
+    """Refuse placeholder secrets (by name; a value is never printed)."""
+    placeholders = [name for name in SECRET_VARS if is_placeholder(environ.get(name, ""))]
+    url = environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
+    if url:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        with contextlib.suppress(ArgumentError, ValueError):
+            if is_placeholder(make_url(url).password or ""):
+                placeholders.append("PREFECT_API_DATABASE_CONNECTION_URL (its password)")
+    if placeholders:
+        raise ServerInputError(
+            f"{', '.join(placeholders)} still {'holds a placeholder' if len(placeholders) == 1 else 'hold placeholders'} "
+            f"({PLACEHOLDER_PREFIX}...): set real secrets (e.g. `openssl rand -hex 24`) before starting"
+        )
+
+
+def check_exposure(stack: "Stack", environ: Mapping[str, str]) -> None:
+    """A Prefect server this command starts listens beyond loopback only with basic auth, and
+    with secrets that are not placeholders. Raises ServerInputError before anything starts."""
+    check_secrets(environ)
+    if stack.remote_api:
+        return
+    server_auth, client_auth = environ.get(SERVER_AUTH_VAR), environ.get(CLIENT_AUTH_VAR)
+    if not is_loopback(stack.host) and not server_auth:
+        raise ServerInputError(
+            f"--host {stack.host} would expose the Prefect API, which runs any deployment with any parameters, "
+            f"without authentication: set {SERVER_AUTH_VAR} (basic auth, user:password) or use --host 127.0.0.1"
+        )
+    if server_auth and client_auth and client_auth != server_auth:
+        raise ServerInputError(
+            f"{CLIENT_AUTH_VAR} differs from {SERVER_AUTH_VAR}: the deploy and the worker here could not "
+            f"authenticate to the server this command starts; unset {CLIENT_AUTH_VAR} or make them equal"
+        )
+
+
+def child_environments(stack: "Stack", environ: Mapping[str, str], home: Path) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """The environments of the Prefect server, of `prefect deploy` and of the workers (and so
+    of flow runs). Only the server gets the database settings and the auth it requires; the
+    others get the client auth (the server's, when it starts here) from the environment,
+    never on a command line."""
+    server_env = {**environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": stack.api_url, "PREFECT_CLI_PROMPT": "false"}
+    # Deploying without SYNTHFACTORY_CHECKOUT keeps prefect.yaml's pull step a template that
+    # each worker resolves to its own checkout at run time.
+    deploy_env = {name: value for name, value in server_env.items() if name not in (*SERVER_ONLY_VARS, CHECKOUT_VAR)}
+    if not stack.remote_api and environ.get(SERVER_AUTH_VAR) and not environ.get(CLIENT_AUTH_VAR):
+        deploy_env[CLIENT_AUTH_VAR] = environ[SERVER_AUTH_VAR]
+    worker_env = {
+        **deploy_env,
+        CHECKOUT_VAR: str(stack.checkout),
+        "SYNTHFACTORY_DATA_DIR": str(settings.data_dir()),
+        "SYNTHFACTORY_REGISTRY": str(stack.registry),
+    }
+    return server_env, deploy_env, worker_env
+
+
+def _client_settings(api_url: str, auth_string: str | None) -> dict:
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+
+    return {PREFECT_API_URL: api_url, **({PREFECT_API_AUTH_STRING: auth_string} if auth_string else {})}
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -167,16 +263,16 @@ def _prefect(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefect", "--no-prompt", *args]
 
 
-def ensure_process_pool(api_url: str, name: str) -> None:
+def ensure_process_pool(api_url: str, name: str, auth_string: str | None = None) -> None:
     """Create the work pool the deployments name, as a process pool, unless it exists
     (the CLI's `work-pool create` would ask the internet which pool types exist)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
     from prefect.workers.process import ProcessWorker
 
-    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+    with temporary_settings(_client_settings(api_url, auth_string)), get_client(sync_client=True) as client:
         try:
             pool = client.read_work_pool(name)
         except ObjectNotFound:
@@ -199,15 +295,15 @@ def deploy(prefect_file: Path, checkout: Path, env: Mapping[str, str]) -> None:
         raise ServerError(f"`prefect deploy --all --prefect-file {prefect_file}` failed (exit {proc.returncode}):\n{tail}")
 
 
-def deployed(api_url: str, specs: list[DeploymentSpec]) -> dict[str, str]:
+def deployed(api_url: str, specs: list[DeploymentSpec], auth_string: str | None = None) -> dict[str, str]:
     """What the API now holds, in prefect.yaml's order: `flow/deployment` -> its schedules
     and whether each is on."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.client.schemas.sorting import DeploymentSort
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+    with temporary_settings(_client_settings(api_url, auth_string)), get_client(sync_client=True) as client:
         deployments = client.read_deployments(
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[s.name for s in specs])),
             sort=DeploymentSort.NAME_ASC,
@@ -252,22 +348,16 @@ class Stack:
 def serve(stack: Stack, say: Callable[[str], None]) -> None:
     """Start S3, server, deployments and workers; run until SIGINT/SIGTERM or until a child
     dies (then ServerError). Everything started here is stopped on the way out, in reverse
-    order. With an existing server and no worker, it only deploys."""
+    order. With an existing server and no worker, it only deploys. Exposure and secrets are
+    checked first: a refusal (ServerInputError) leaves nothing started or written."""
+    check_exposure(stack, os.environ)
     specs = read_prefect_file(stack.prefect_file)
     if not stack.remote_api:
         check_port_free(stack.host, stack.port)
     pools = sorted({spec.work_pool for spec in specs})
     home = prefect_home()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": stack.api_url, "PREFECT_CLI_PROMPT": "false"}
-    # Deploying without SYNTHFACTORY_CHECKOUT keeps prefect.yaml's pull step a template that
-    # each worker resolves to its own checkout at run time.
-    deploy_env = {name: value for name, value in env.items() if name not in (*DATABASE_VARS, CHECKOUT_VAR)}
-    worker_env = {
-        **deploy_env,
-        CHECKOUT_VAR: str(stack.checkout),
-        "SYNTHFACTORY_DATA_DIR": str(settings.data_dir()),
-        "SYNTHFACTORY_REGISTRY": str(stack.registry),
-    }
+    env, deploy_env, worker_env = child_environments(stack, os.environ, home)
+    auth_string = deploy_env.get(CLIENT_AUTH_VAR)
     previous_handlers = {signum: signal.signal(signum, _shut_down) for signum in STOP_SIGNALS}
     try:
         with contextlib.ExitStack() as running:
@@ -288,9 +378,9 @@ def serve(stack: Stack, say: Callable[[str], None]) -> None:
             except LocalApiError as exc:
                 raise ServerError(str(exc)) from None
             for pool in pools:
-                ensure_process_pool(stack.api_url, pool)
+                ensure_process_pool(stack.api_url, pool, auth_string)
             deploy(stack.prefect_file, stack.checkout, deploy_env)
-            deployments = deployed(stack.api_url, specs)
+            deployments = deployed(stack.api_url, specs, auth_string)
             say(f"deployed from {stack.prefect_file} to work pool {', '.join(pools)}:")
             for full_name, schedules in deployments.items():
                 say(f"  {full_name:<24} {schedules}")
@@ -304,7 +394,7 @@ def serve(stack: Stack, say: Callable[[str], None]) -> None:
                     children.append(worker)
             if not children:
                 return
-            say(_ready_message(stack, next(iter(deployments)), s3_env_file))
+            say(_ready_message(stack, next(iter(deployments)), s3_env_file, auth=bool(auth_string)))
             supervise(children)
     except _Shutdown:
         say("stopped")
@@ -352,12 +442,16 @@ def _shut_down(signum: int, frame: object) -> None:
     raise _Shutdown()
 
 
-def _ready_message(stack: Stack, example: str, s3_env_file: str | None) -> str:
+def _ready_message(stack: Stack, example: str, s3_env_file: str | None, auth: bool = False) -> str:
     load_s3 = f"set -a; . {s3_env_file}; set +a; " if s3_env_file else ""
     lines = [
         "",
         f"Ready. Prefect UI: {stack.api_url.removesuffix('/api')}  (Deployments: schedules, parameters, Run > Custom run)",
-        "Trigger a release from a shell:",
+    ]
+    if auth:  # the variable's name only: the secret itself is never printed
+        lines.append(f"The API requires basic auth: the UI asks for the user:password; clients read {CLIENT_AUTH_VAR}.")
+    lines += [
+        "Trigger a release from a shell" + (f" (with {CLIENT_AUTH_VAR} exported):" if auth else ":"),
         f"  PREFECT_API_URL={stack.api_url} prefect deployment run '{example}'",
     ]
     if stack.run_worker:
