@@ -63,6 +63,7 @@ def _existing_registry(path: Path | None):
 def _release(recipe: Path, registry: Path, debug: bool = False, **options: object) -> "RunSummary":
     """Run the release flow, turning failures into one clear message (bad input: exit 2)."""
     from flows.release import quiet_console, run_release
+    from synthfactory.files import disk_full
     from synthfactory.models import ModelError
     from synthfactory.recipe import RecipeError
     from synthfactory.registry import RegistryError, RegistryPathError
@@ -74,14 +75,19 @@ def _release(recipe: Path, registry: Path, debug: bool = False, **options: objec
         quiet_console()
     try:
         return run_release(str(recipe), str(registry), **options)  # type: ignore[arg-type]
-    except (RecipeError, ModelError, RegistryPathError) as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
-    except PermissionError as exc:  # a registry or recipe this user may not write or read
-        raise _fail(f"permission denied: {exc.filename or exc}: check the owner and mode of that path",
-                    EXIT_BAD_INPUT) from None
-    except (StorageError, GateFailedError, ShardFailedError, RegistryError) as exc:
-        raise _fail(str(exc)) from None
-    except Exception as exc:  # a crashed worker, a bug: its traceback is in the run's logs (and with --debug, here)
+    except Exception as exc:
+        if disk_full(exc):  # however deep: a DVC command's output, a shard worker's error
+            where = getattr(exc, "filename", None) or registry
+            raise _fail(f"no space left on device (writing under {where}) while releasing {recipe}: free space there, "
+                        "then rerun: finished shards are kept and the rerun resumes from them") from None
+        if isinstance(exc, (RecipeError, ModelError, RegistryPathError)):
+            raise _fail(str(exc), EXIT_BAD_INPUT) from None
+        if isinstance(exc, PermissionError):  # a registry or recipe this user may not write or read
+            raise _fail(f"permission denied: {exc.filename or exc}: check the owner and mode of that path",
+                        EXIT_BAD_INPUT) from None
+        if isinstance(exc, (StorageError, GateFailedError, ShardFailedError, RegistryError)):
+            raise _fail(str(exc)) from None
+        # a crashed worker, a bug: its traceback is in the run's logs (and with --debug, here)
         raise _fail(f"release of {recipe} failed: {type(exc).__name__}: {exc}") from None
 
 

@@ -8,6 +8,7 @@ rename is on disk together with the bytes it names.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -101,3 +102,26 @@ def file_digest(path: Path) -> str | None:
             return hashlib.file_digest(handle, "sha256").hexdigest()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+
+
+#: how a full disk reads in a child tool's output (DVC, git), where no errno survives
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or anything it was raised from, is a full disk (ENOSPC, EDQUOT), also
+    when it only survives as text (a failed DVC command, a shard error from a worker)."""
+    for _ in range(20):
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if says_disk_full(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def says_disk_full(output: str) -> bool:
+    """Whether a tool's output (or an error message) reports a full disk."""
+    return any(text in output for text in DISK_FULL_TEXTS)

@@ -27,7 +27,7 @@ from typing import Any
 from filelock import FileLock
 
 from synthfactory.drills import crash_point
-from synthfactory.files import atomic_write, atomic_write_json, file_digest
+from synthfactory.files import atomic_write, atomic_write_json, file_digest, says_disk_full
 from synthfactory.storage import StorageConfig
 from synthfactory.tags import ReleaseTag, first
 
@@ -168,6 +168,9 @@ class DataRegistry:
         if proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).strip()
             command = " ".join([Path(argv[0]).name, *argv[1:]])
+            if says_disk_full(detail):  # DVC's raw "unexpected error - [Errno 28]" says nothing useful
+                raise RegistryError(f"`{command}` ran out of disk space (No space left on device) in {self.root}: "
+                                    "free space on the disk of the registry and its DVC cache")
             raise RegistryError(f"`{command}` failed in {self.root}:\n{detail}")
         return proc.stdout
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -12,10 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from synthfactory.files import fsync_dir
+from synthfactory.files import disk_full, fsync_dir
 from synthfactory.loader.errors import LoaderError
 
 DEFAULT_CACHE_BYTES = 8 * 2**30
+log = logging.getLogger(__name__)
 _COPY_CHUNK = 1 << 20
 
 
@@ -167,7 +169,14 @@ class Fetch:
         if self._hash is not None:
             self._hash.update(data)
         if self.writer is not None:
-            self.writer.write(data)
+            try:
+                self.writer.write(data)
+            except OSError as exc:
+                if not disk_full(exc):
+                    raise
+                log.warning("shard cache %s: the disk is full; %s is read without caching it", self.writer.cache.root, self.name)
+                self.writer.discard()
+                self.writer = None
         return data
 
     def finish(self) -> None:
