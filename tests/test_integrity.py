@@ -147,3 +147,42 @@ def test_manifests_record_every_member(release: Path) -> None:
     changed = dict(originals[rows[0]["key"]], txt=b"another caption")
     assert sample_digest(changed) != rows[0]["sample_sha256"]
     assert json.loads(originals[rows[0]["key"]]["json"])  # the label lives in a member the digest covers
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_shard_reader_reads_what_tarfile_writes(tar_format: int) -> None:
+    """Long names (pax or GNU records, the USTAR prefix), directories, empty members and
+    sizes on and off the 512-byte boundary come out as tarfile itself reads them."""
+    import io
+
+    from synthfactory.shards import tar_members
+
+    members = {f"{'d' * 120}/0001.png": b"x" * 512, "0001.txt": b"", "a/b/0002.json": b'{"label": "circle"}' * 40,
+               "0002.ünïcode.txt": "ok".encode()}
+    if tar_format == tarfile.USTAR_FORMAT:  # USTAR holds long names only as prefix/name
+        members = {name.replace("d" * 120, "d" * 90): data for name, data in members.items()}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as tar:
+        directory = tarfile.TarInfo("a-directory")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    assert dict(tar_members(buffer)) == members
+
+
+def test_the_shard_reader_refuses_a_damaged_header_and_a_short_member() -> None:
+    import io
+
+    from synthfactory.shards import ShardFormatError, tar_bytes, tar_members
+
+    data = tar_bytes([("0001", {"txt": b"caption " * 100})])
+    flipped = bytearray(data)
+    flipped[130] ^= 0x01  # inside the size field: the checksum no longer matches
+    with pytest.raises(ShardFormatError, match="does not match its checksum"):
+        list(tar_members(io.BytesIO(bytes(flipped))))
+    with pytest.raises(ShardFormatError, match=r"ends inside member 0001.txt \(88 of 800 bytes\)"):
+        list(tar_members(io.BytesIO(data[:600])))

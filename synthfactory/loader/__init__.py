@@ -105,7 +105,7 @@ def load(
             repo = DataRegistry.existing(root)
         except RegistryError as exc:
             raise LoaderError(f"registry={str(registry)!r}: {exc}; or give a release directory (one with {SHARDS_DIR}/)") from None
-        source = DvcRelease(repo, dataset, resolve_tag(repo, dataset, version))
+        source = DvcRelease(repo, dataset, resolve_tag(repo, dataset, version), cache.root if cache else None)
     if not source.shard_names():
         raise LoaderError(f"{source.label} has no shards")
     return ShardDataset(

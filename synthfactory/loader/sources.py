@@ -15,7 +15,9 @@ loader checks every sample against it before yielding it).
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import random
 import threading
@@ -29,6 +31,7 @@ from typing import Any, BinaryIO, Literal, Protocol
 import yaml
 
 from synthfactory import settings
+from synthfactory.files import atomic_write_json
 from synthfactory.live import FeedReader, read_feed
 from synthfactory.loader.errors import LoaderError
 from synthfactory.registry import DataRegistry
@@ -170,24 +173,36 @@ class DvcRelease(_Release):
     copy of this object or a message.
     """
 
-    def __init__(self, registry: DataRegistry, dataset: str, tag: str) -> None:
+    def __init__(self, registry: DataRegistry, dataset: str, tag: str, listing_dir: Path | None = None) -> None:
+        """`listing_dir` keeps what the tag's DVC listing said (shards, md5s, recipe),
+        named by the tag's commit: a warm restart then opens no DVC repo at all."""
         self.registry, self.dataset, self.tag = registry, dataset, tag
         self.label = f"{tag} in {registry.root}"
         self._fs_pid: tuple[int, Any] | None = None
-        shards_path, manifest_path = f"data/{dataset}/{SHARDS_DIR}", f"data/{dataset}/{MANIFEST}"
-        with self._remote_errors(shards_path):  # the `.dir` listing: DVC's index keeps it, so a warm restart needs no S3
+        commit = registry.git("rev-parse", "--verify", "--end-of-options", f"{tag}^{{commit}}").strip()
+        saved = listing_dir / f".listing-{dataset}-{commit}.json" if listing_dir else None
+        listing = _read_listing(saved) if saved else None
+        if listing is None:
+            listing = self._listing()
+            if saved:
+                atomic_write_json(saved, {"listing": listing, "sha256": _listing_digest(listing)})
+        manifest = listing["manifest_md5"]
+        refs = [ShardRef(name, f"data/{dataset}/{SHARDS_DIR}/{name}", cache_key=md5, md5=md5) for name, md5 in listing["shards"]]
+        super().__init__(refs, listing["recipe"], ShardRef(MANIFEST, f"data/{dataset}/{MANIFEST}", cache_key=manifest, md5=manifest))
+
+    def _listing(self) -> dict[str, Any]:
+        """The shards (name, md5), the manifest's md5 and the recipe at the tag, from DVC
+        (its index keeps the `.dir` listing, so a warm restart needs no S3)."""
+        shards_path, manifest_path = f"data/{self.dataset}/{SHARDS_DIR}", f"data/{self.dataset}/{MANIFEST}"
+        with self._remote_errors(shards_path):
             found = self._fs().ls(shards_path, detail=True)
             manifest_md5 = self._fs().info(manifest_path)["md5"]
         try:
-            recipe_text = self._fs().read_text(f"data/{dataset}/recipe.yaml")
+            recipe_text = self._fs().read_text(f"data/{self.dataset}/recipe.yaml")
         except FileNotFoundError:
             recipe_text = None
-        refs = [
-            ShardRef(Path(e["name"]).name, e["name"], cache_key=e["md5"], md5=e["md5"])
-            for e in sorted(found, key=lambda e: e["name"])
-            if e["name"].endswith(".tar")
-        ]
-        super().__init__(refs, recipe_text, ShardRef(MANIFEST, manifest_path, cache_key=manifest_md5, md5=manifest_md5))
+        shards = [[Path(e["name"]).name, e["md5"]] for e in sorted(found, key=lambda e: e["name"]) if e["name"].endswith(".tar")]
+        return {"shards": shards, "manifest_md5": manifest_md5, "recipe": recipe_text}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs_pid": None}  # DataLoader workers open their own
@@ -258,6 +273,19 @@ def _causes(exc: BaseException) -> list[BaseException]:
     while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain and len(chain) < 20:
         chain.append(nxt)
     return chain
+
+
+def _listing_digest(listing: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
+def _read_listing(path: Path) -> dict[str, Any] | None:
+    """A saved listing, if it is there and intact (else it is made again)."""
+    try:
+        saved = json.loads(path.read_text())
+        return saved["listing"] if _listing_digest(saved["listing"]) == saved["sha256"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _remote_config() -> dict[str, str]:
