@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.context import refresh_global_settings_context
@@ -38,7 +39,7 @@ from synthfactory.release.gate import GateFailedError
 from synthfactory.release.job import (
     ReleaseJob, ReleaseRequest, discard, latest_release_with_inputs, prepare, release_locks,
 )
-from synthfactory.release.report import run_markdown
+from synthfactory.release.report import run_markdown, skip_markdown
 from synthfactory.release.summary import RunStats, RunSummary
 from synthfactory.storage import StorageError
 from synthfactory.validation import prefetch_gx
@@ -117,11 +118,41 @@ def _prepared_job(request: ReleaseRequest) -> ReleaseJob:
     return prepared if prepared is not None and prepared.request == request else prepare(request)
 
 
+#: the shape of the names Prefect (and its UI's Custom-run form) make up: adjective-animal
+_GENERATED_NAME = re.compile(r"[a-z]+-[a-z]+")
+
+
 def _run_name() -> str:
-    """'release-shapes' rather than the recipe's full path, in the Prefect UI."""
+    """'release-shapes' rather than a made-up name, until the run ends and says what it
+    made (`_name_run`); a name the user typed (not adjective-animal) is kept."""
     from prefect.runtime import flow_run
 
-    return f"release-{Path(flow_run.parameters['recipe_path']).stem}"
+    if flow_run.name and not _GENERATED_NAME.fullmatch(flow_run.name):
+        return flow_run.name
+    return _start_name(flow_run.parameters["recipe_path"])
+
+
+def _start_name(recipe_path: str) -> str:
+    return f"release-{Path(recipe_path).stem}"
+
+
+def _name_run(name: str) -> None:
+    """Rename the run to tell its outcome in the runs list (a user's own name stays)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if flow_run.name != _start_name(flow_run.parameters["recipe_path"]):
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_name(flow_run.id, name)
+    except Exception as exc:  # the name is a courtesy: never fail a release over it
+        get_run_logger().warning("could not rename the run to %r: %s", name, exc)
+
+
+def _say(message: str, *args: Any) -> None:
+    """One line of the release's story, in the run's logs (the UI) and the terminal."""
+    get_run_logger().info(message, *args)
 
 
 def task_runner_for(execution: Execution, shards_to_generate: int) -> TaskRunner:
@@ -209,14 +240,25 @@ def release_flow(
 ) -> RunSummary:
     """Turn a recipe into a gated release in `registry` (tagged and pushed when `publish`).
 
-    `registry` defaults to $SYNTHFACTORY_REGISTRY, else the working directory (a
-    deployment's checkout). `overrides` are `FIELD.PATH=VALUE` edits of the recipe, as
-    `synthfactory run --set`. `workers` and `dask_address` (an existing Dask scheduler,
-    e.g. tcp://10.0.0.5:8786) change where shards run, not what they hold.
     A publishing run whose inputs (recipe, files it reads, plug-in code) equal the
     latest release's reports that release as current and tags nothing new, unless
     `force`: a schedule tags only real changes, and a rerun after a crash past the tag
-    does not publish a duplicate.
+    does not publish a duplicate. (The Args below are the Prefect UI's form help.)
+
+    Args:
+        recipe_path: The recipe YAML, relative to the checkout, e.g. recipes/shapes.yaml.
+        registry: The git + DVC data registry to release into; empty: $SYNTHFACTORY_REGISTRY,
+            else the checkout the worker runs in.
+        samples: How many samples to generate; empty: the recipe's `samples`.
+        seed: The master seed (every sample's seed derives from it); empty: the recipe's.
+        publish: Commit, tag and push the release; off: write it to data/<dataset>/ only.
+        overrides: Recipe edits as FIELD.PATH=VALUE (YAML values), e.g.
+            generator.params.image_size=32, as `synthfactory run --set`.
+        workers: Parallel shard workers; empty: the recipe's execution.workers.
+        dask_address: An existing Dask scheduler to run shards on, e.g. tls://10.0.0.5:8786;
+            empty: the recipe's runner.
+        force: Release even when the inputs equal the latest release's (otherwise that
+            release is reported as current and nothing is tagged).
     """
     request = ReleaseRequest(
         recipe_path, registry or settings.default_registry(), samples, seed, publish, tuple(overrides or ()), workers,
@@ -224,9 +266,14 @@ def release_flow(
     )
     job = _prepared_job(request)
     try:
-        return _release(job)
+        summary = _release(job)
+    except BaseException:
+        _name_run(f"{job.recipe.name}: failed")
+        raise
     finally:
         release_locks(job)
+    _name_run(summary.run_name())
+    return summary
 
 
 def _release(job: ReleaseJob) -> RunSummary:
@@ -236,17 +283,30 @@ def _release(job: ReleaseJob) -> RunSummary:
     if publish and not force and (current := latest_release_with_inputs(job.registry, job.recipe.name, job.inputs_fingerprint)):
         discard(job)
         summary.tag, summary.up_to_date = current, True
+        _say("skipped: %s is current (made from these inputs: recipe, files it reads, plug-in code); "
+             "nothing new generated or tagged (force=True releases again)", current)
+        create_markdown_artifact(skip_markdown(summary), key=_artifact_key(job), description=f"skipped: {current} is current")
         return summary
     prefetch_gx()  # the gate process imports GX on another core while the shards generate
 
     started = time.perf_counter()
     to_generate = sum(job.cache.lookup(key) is None for _, key in job.shard_keys)
-    results = generate_shards(job, task_runner_for(job.execution, to_generate))
+    runner = task_runner_for(job.execution, to_generate)
+    recipe = job.recipe
+    _say("plan: %d samples of %s in %d shards of %d; %d to generate, %d finished earlier (reused); %s",
+         recipe.samples, recipe.name, recipe.shard_count, recipe.shard_size, to_generate,
+         recipe.shard_count - to_generate, _runner_text(job.execution, to_generate))
+    results = generate_shards(job, runner)
     run = RunStats.of(results, time.perf_counter() - started)
     summary.stage_seconds["generate"] = run.seconds
+    _say("generated: %d shards made, %d reused, %d shard retries in %.1f s",
+         run.shards_generated, run.shards_reused, run.retries, run.seconds)
 
     with _timed(summary, "stage"):
         staged = stage_release(job, results, run)
+    metrics = staged.metrics
+    _say("staged: %d samples, %d rejected%s", metrics["samples"], metrics["rejected"],
+         "".join(f", {count} by {check}" for check, count in metrics["rejected_by"].items()))
     with _timed(summary, "validate"):
         gate = validate_release(job, staged)
     if not gate.success:
@@ -254,16 +314,22 @@ def _release(job: ReleaseJob) -> RunSummary:
             f"validation gate failed for {job.recipe.name}; nothing was published "
             f"(report: {job.stage_dir / 'validation' / 'index.html'})\n{gate.summary()}"
         )
-    metrics = staged.metrics
+    _say("gate passed: %d expectations met", len(gate.outcomes))
     summary.samples, summary.rejected, summary.rejected_by = metrics["samples"], metrics["rejected"], metrics["rejected_by"]
     summary.retries, summary.shards_generated, summary.shards_reused = run.retries, run.shards_generated, run.shards_reused
-    summary.samples_per_s = metrics["run"]["samples_per_s"]
+    summary.samples_per_s, summary.expectations = metrics["run"]["samples_per_s"], len(gate.outcomes)
     with _timed(summary, "publish" if publish else "materialize"):
         if publish:
             published = publish_release(job, staged)
             summary.tag, summary.commit, summary.push_retries = published.tag, published.commit, published.push_retries
         else:
             materialize_release(job)
+    if summary.tag:
+        _say("released %s (commit %s), pushed to %s%s; get it with: %s", summary.tag, (summary.commit or "")[:12],
+             summary.store or "no remote", f" after {summary.push_retries} push retries" if summary.push_retries else "",
+             " or ".join(summary.pull_commands()))
+    else:
+        _say("written to %s (not published)", summary.release_dir)
     create_markdown_artifact(
         run_markdown(summary, run), key=_artifact_key(job),
         description=f"{summary.tag or job.recipe.name + ' (not published)'}: what the run did",
@@ -273,6 +339,16 @@ def _release(job: ReleaseJob) -> RunSummary:
         key=f"{_artifact_key(job)}-report",
     )
     return summary
+
+
+def _runner_text(execution: Execution, shards_to_generate: int) -> str:
+    """Where `task_runner_for` runs the shards, in words."""
+    if execution.runner == "dask":
+        return f"on the Dask scheduler at {execution.dask_address}" if execution.dask_address else "on a local Dask cluster"
+    if shards_to_generate <= 1:
+        return "in this process"
+    workers = execution.workers or os.cpu_count() or 1
+    return f"on {workers} {'threads' if execution.runner == 'thread' else 'worker processes'}"
 
 
 @contextmanager

@@ -176,5 +176,18 @@ def run_markdown(summary: RunSummary, run: RunStats) -> str:
         *((f"device-seconds on {device}", seconds) for device, seconds in run.device_seconds.items()),
         *((f"stage seconds: {stage}", seconds) for stage, seconds in summary.stage_seconds.items()),
     ]
-    lines = [f"## {title}", "", "| figure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
-    return "\n".join(lines) + f"\n\nRelease directory: `{summary.release_dir}`\n"
+    lines = [f"## {title}", "", f"Gate: passed, {summary.expectations} expectations met.", "",
+             "| figure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+    return "\n".join(lines) + f"\n\nRelease directory: `{summary.release_dir}`\n" + _pull_markdown(summary)
+
+
+def skip_markdown(summary: RunSummary) -> str:
+    """A skipped run's artifact: which release is current, and how to get it."""
+    return (f"## {summary.dataset}: skipped\n\n{summary.tag} was made from these inputs (recipe, files it reads, "
+            "plug-in code): nothing new was generated or tagged. Run with `force` to release again.\n"
+            + _pull_markdown(summary))
+
+
+def _pull_markdown(summary: RunSummary) -> str:
+    commands = summary.pull_commands()
+    return ("\nGet it:\n\n```bash\n" + "\n".join(commands) + "\n```\n") if commands else ""

@@ -84,3 +84,17 @@ class RunSummary:
     push_retries: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     up_to_date: bool = False  # skipped: the latest release has these inputs (then `tag` is it)
+    expectations: int = 0  # the gate's expectations, all met (a failed gate raises)
+
+    def pull_commands(self) -> list[str]:
+        """How a user gets the release this run made or found current (none when only staged)."""
+        if not self.tag:
+            return []
+        return [f"synthfactory pull {self.tag} --registry {self.registry}",
+                f"dvc get {self.registry} data/{self.dataset} --rev {self.tag}"]
+
+    def run_name(self) -> str:
+        """What the run is called once it ends: the dataset, what it made, how many samples."""
+        if self.up_to_date:
+            return f"{self.dataset}: skipped ({self.tag} is current)"
+        return f"{self.tag or self.dataset + ' (staged, not published)'} · {self.samples:,} samples"
