@@ -39,7 +39,7 @@ from synthfactory.release.gate import GateFailedError
 from synthfactory.release.job import (
     ReleaseJob, ReleaseRequest, discard, latest_release_with_inputs, prepare, release_locks,
 )
-from synthfactory.release.report import run_markdown, skip_markdown
+from synthfactory.release.report import gate_failure_markdown, run_markdown, skip_markdown
 from synthfactory.release.summary import RunStats, RunSummary
 from synthfactory.storage import StorageError
 from synthfactory.validation import prefetch_gx
@@ -310,6 +310,8 @@ def _release(job: ReleaseJob) -> RunSummary:
     with _timed(summary, "validate"):
         gate = validate_release(job, staged)
     if not gate.success:
+        create_markdown_artifact(gate_failure_markdown(job.recipe.name, gate), key=_artifact_key(job),
+                                 description=f"{job.recipe.name}: gate failed, nothing published")
         raise GateFailedError(
             f"validation gate failed for {job.recipe.name}; nothing was published "
             f"(report: {job.stage_dir / 'validation' / 'index.html'})\n{gate.summary()}"

@@ -377,6 +377,12 @@ def server(
     factory = Path(synthfactory.__file__).resolve().parent.parent
     if not (factory / ".git").exists():
         raise _fail(f"the server runs flows from a synthfactory checkout; {factory} is not one", EXIT_BAD_INPUT)
+    here = _git_root(Path.cwd())
+    if here is not None and here.resolve() != factory and (here / "prefect.yaml").is_file() and (here / "synthfactory").is_dir():
+        raise _fail(
+            f"started in the synthfactory checkout {here.resolve()}, but this synthfactory is installed from {factory}: "
+            f"its worker would run {factory}'s code and recipes. Start {here.resolve()}'s own "
+            f"(`make server` there), or start this one in {factory}", EXIT_BAD_INPUT)
     stack = Stack(
         checkout=factory,
         prefect_file=(prefect_file or factory / "prefect.yaml").resolve(),

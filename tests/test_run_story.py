@@ -66,6 +66,9 @@ def test_runs_are_named_by_outcome_and_their_logs_tell_the_release(tmp_path: Pat
         by_run = {artifact.flow_run_id: artifact.data for artifact in artifacts}
         assert "Gate: passed" in by_run[released.id] and "dvc get" in by_run[released.id]
         assert "story: skipped" in by_run[skip.id] and "synthfactory pull story@v1" in by_run[skip.id]
+        failed = flow_run_named(client, "story: failed")
+        assert "gate failed, nothing published" in by_run[failed.id]
+        assert "expect_column_value_lengths_to_be_between" in by_run[failed.id]
 
 
 def test_every_parameter_of_the_release_form_is_explained() -> None:

@@ -306,3 +306,20 @@ def process_exists(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
     except (ProcessLookupError, FileNotFoundError):
         return False
+
+
+def test_a_server_started_in_another_checkout_refuses_naming_both(tmp_path):
+    """Flows run the installed package's code: started in another synthfactory checkout,
+    the server would mix that checkout's recipes with this one's code."""
+    other = tmp_path / "other-checkout"
+    (other / "synthfactory").mkdir(parents=True)
+    (other / "prefect.yaml").write_text("deployments: []\n")
+    subprocess.run(["git", "init", "--quiet", str(other)], check=True)
+    factory = Path(__file__).resolve().parent.parent
+
+    result = run_cli(other, "--port", str(free_ports(1)[0]))
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"started in the synthfactory checkout {other.resolve()}" in result.stderr
+    assert f"installed from {factory}" in result.stderr
+    assert not (other / ".data").exists()

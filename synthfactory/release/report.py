@@ -188,6 +188,13 @@ def skip_markdown(summary: RunSummary) -> str:
             + _pull_markdown(summary))
 
 
+def gate_failure_markdown(dataset: str, gate: Any) -> str:
+    """A failed gate's artifact: each failed expectation, with counts (a GateResult)."""
+    failed = "\n".join(f"- {outcome.describe()}" for outcome in gate.failures)
+    return (f"## {dataset}: gate failed, nothing published\n\n{len(gate.failures)} of {len(gate.outcomes)} "
+            f"expectations failed:\n\n{failed}\n")
+
+
 def _pull_markdown(summary: RunSummary) -> str:
     commands = summary.pull_commands()
     return ("\nGet it:\n\n```bash\n" + "\n".join(commands) + "\n```\n") if commands else ""
