@@ -44,7 +44,7 @@ from synthfactory.release.summary import RunStats, RunSummary
 from synthfactory.storage import StorageError
 from synthfactory.validation import prefetch_gx
 from tasks.generate import generate_shard
-from tasks.release import materialize_release, publish_release, stage_release, validate_release
+from tasks.release import materialize_release, publish_release, share_report, stage_release, validate_release
 
 settings.apply_offline_defaults()
 logger = logging.getLogger("synthfactory.flows")
@@ -336,8 +336,16 @@ def _release(job: ReleaseJob) -> RunSummary:
         run_markdown(summary, run), key=_artifact_key(job),
         description=f"{summary.tag or job.recipe.name + ' (not published)'}: what the run did",
     )
+    if summary.tag:
+        try:
+            link = share_report(job)
+            summary.report_url, summary.report_expires = link.url, link.describe()
+            _say("report: %s (%s)", link.url, link.describe())
+        except Exception as exc:  # the release is tagged and pushed: a missing link must not fail it
+            get_run_logger().warning("no shareable report link: %s: %s", type(exc).__name__, exc)
     create_link_artifact(
-        f"file://{job.release_dir / 'report' / 'index.html'}", link_text=f"{summary.tag or job.recipe.name} report",
+        summary.report_url or f"file://{job.release_dir / 'report' / 'index.html'}",
+        link_text=f"{summary.tag or job.recipe.name} report" + (f" ({summary.report_expires})" if summary.report_url else ""),
         key=f"{_artifact_key(job)}-report",
     )
     return summary

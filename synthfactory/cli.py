@@ -105,6 +105,8 @@ def _print_summary(summary: "RunSummary") -> None:
     )
     if summary.store and summary.tag:
         out.print(f"pushed to {escape(summary.store)}", highlight=False)
+    if summary.report_url:
+        out.print(f"report ({summary.report_expires}): {escape(summary.report_url)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

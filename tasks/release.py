@@ -7,7 +7,7 @@ from prefect import task
 
 from synthfactory import settings
 from synthfactory.registry import Release
-from synthfactory.release import gate, publish, stage
+from synthfactory.release import gate, links, publish, stage
 from synthfactory.release.build import ShardResult
 from synthfactory.release.job import ReleaseJob
 from synthfactory.release.summary import RunStats, Staged
@@ -34,3 +34,9 @@ def publish_release(job: ReleaseJob, staged: Staged) -> Release:
     """Not retried as a whole (the push inside is); credentials are resolved here, not
     passed in, because task inputs must never hold secrets."""
     return publish.publish(job, settings.resolve_storage(), staged.metrics)
+
+
+@task(name="share-report")
+def share_report(job: ReleaseJob) -> links.SharedLink:
+    """A browser link to the pushed release's HTML report (credentials resolved here)."""
+    return links.share_file(settings.resolve_storage(), job.release_dir / "report" / "index.html", "text/html; charset=utf-8")

@@ -5,6 +5,7 @@ command, and form help for every parameter. On the real Prefect API."""
 from __future__ import annotations
 
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,12 @@ def test_runs_are_named_by_outcome_and_their_logs_tell_the_release(tmp_path: Pat
         by_run = {artifact.flow_run_id: artifact.data for artifact in artifacts}
         assert "Gate: passed" in by_run[released.id] and "dvc get" in by_run[released.id]
         assert "story: skipped" in by_run[skip.id] and "synthfactory pull story@v1" in by_run[skip.id]
+        report = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["release-story-report"])))
+        link = next(artifact.data for artifact in report if artifact.flow_run_id == released.id)
+        assert made.report_url and link.startswith("[") and made.report_url in link  # markdown: [text](url)
+        with urllib.request.urlopen(made.report_url, timeout=30) as page:  # no credentials: the link is the key
+            assert page.headers["Content-Type"].startswith("text/html")
+            assert page.read() == (Path(made.release_dir) / "report" / "index.html").read_bytes()
         failed = flow_run_named(client, "story: failed")
         assert "gate failed, nothing published" in by_run[failed.id]
         assert "expect_column_value_lengths_to_be_between" in by_run[failed.id]

@@ -85,6 +85,8 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     up_to_date: bool = False  # skipped: the latest release has these inputs (then `tag` is it)
     expectations: int = 0  # the gate's expectations, all met (a failed gate raises)
+    report_url: str = ""  # a browser link to the pushed HTML report (presigned, expires)
+    report_expires: str = ""
 
     def pull_commands(self) -> list[str]:
         """How a user gets the release this run made or found current (none when only staged)."""
