@@ -99,4 +99,5 @@ def test_transient_faults_are_retried_lose_nothing_and_are_reported(tmp_path, st
     assert f"| shard retries | {expected} |" in table
     assert "| shards generated | 8 |" in table
     assert float(progress) == 100.0
-    assert "report/index.html" in link
+    assert summary.report_url and summary.report_url in link  # the pushed report, presigned for browsers
+    assert "response-content-type=text%2Fhtml" in link
