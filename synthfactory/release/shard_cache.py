@@ -126,10 +126,12 @@ def _damage(entry: Path, files: Any, hashes: bool) -> str | None:
         path = entry / name
         if not isinstance(recorded, dict):
             return "recorded without hashes (an older format)"
-        if not path.is_file():
+        try:
+            size = path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
             return f"{name} is missing"
-        if path.stat().st_size != recorded["bytes"]:
-            return f"{name} holds {path.stat().st_size} bytes, recorded {recorded['bytes']}"
+        if size != recorded["bytes"]:
+            return f"{name} holds {size} bytes, recorded {recorded['bytes']}"
         if hashes and file_digest(path) != recorded["sha256"]:
             return f"{name} does not match its recorded sha256"
     return None

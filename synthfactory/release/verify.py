@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from synthfactory.shards import MANIFEST, SHARDS_DIR, ManifestIndex, ShardFormatError, verified_samples
 
 
@@ -15,7 +13,7 @@ def verify_release(release_dir: Path) -> tuple[int, list[str]]:
     manifest = release_dir / MANIFEST
     try:
         index = ManifestIndex(manifest)
-        listed = set(pq.read_table(manifest, columns=["shard"]).column("shard").to_pylist())
+        listed = index.shards()
     except (OSError, ValueError) as exc:
         return 0, [f"{MANIFEST} is damaged: {exc}"]
     on_disk = {path.name: path for path in (release_dir / SHARDS_DIR).glob("*.tar")}
