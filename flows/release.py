@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NoReturn
 
 from prefect import flow, get_run_logger
+from pydantic import Field
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.context import refresh_global_settings_context
@@ -29,20 +30,21 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from synthfactory import settings
 from synthfactory.live import FeedWriter
-from synthfactory.local_api import ensure_local_api
+from synthfactory.local_api import ensure_local_api, ui_url
 from synthfactory.models import ModelError
 from synthfactory.progress import ShardProgress
-from synthfactory.recipe import Execution, RecipeError
+from synthfactory.recipe import DASK_ADDRESS_PATTERN, MAX_SAMPLES, MAX_SEED, MAX_WORKERS, Execution, RecipeError
 from synthfactory.registry import RegistryError
 from synthfactory.release.build import ShardFailedError, ShardResult
 from synthfactory.release.gate import GateFailedError
+from synthfactory.release.links import browser_link, keep_failed_report
 from synthfactory.release.job import (
     ReleaseJob, ReleaseRequest, discard, latest_release_with_inputs, prepare, release_locks,
 )
 from synthfactory.release.report import gate_failure_markdown, run_markdown, skip_markdown
 from synthfactory.release.summary import RunStats, RunSummary
 from synthfactory.storage import StorageError
-from synthfactory.validation import prefetch_gx
+from synthfactory.validation import GateResult, prefetch_gx
 from tasks.generate import generate_shard
 from tasks.release import materialize_release, publish_release, share_report, stage_release, validate_release
 
@@ -118,8 +120,9 @@ def _prepared_job(request: ReleaseRequest) -> ReleaseJob:
     return prepared if prepared is not None and prepared.request == request else prepare(request)
 
 
-#: the shape of the names Prefect (and its UI's Custom-run form) make up: adjective-animal
-_GENERATED_NAME = re.compile(r"[a-z]+-[a-z]+")
+#: the shape of the names Prefect and its UI's Custom-run form make up: adjective-animal
+#: ("crimson-okapi"; the form's are capitalised, "Handmade-Dunker")
+_GENERATED_NAME = re.compile(r"[a-z]+-[a-z]+|[A-Z][a-z]+-[A-Z][a-z]+")
 
 
 def _run_name() -> str:
@@ -226,16 +229,26 @@ def _artifact_key(job: ReleaseJob) -> str:
     return "release-" + job.recipe.name.replace("_", "-")
 
 
+# The parameters' bounds and shapes go into the deployment's schema: the UI's form and the
+# Prefect server refuse a bad value when the run is submitted, before any worker starts;
+# what only the recipe can tell (an override naming no field) fails at the run's start.
+# The path and override shapes are in the schema only: `synthfactory run` may name a
+# recipe anywhere, and `prepare` checks overrides itself.
+RecipePath = Annotated[str, Field(max_length=500, json_schema_extra={"pattern": r"^[\w@+-][\w.@+-]*(/[\w@+-][\w.@+-]*)*\.ya?ml$"})]
+Override = Annotated[str, Field(max_length=4000, json_schema_extra={"pattern": r"^[A-Za-z_][\w-]*(\.[\w-]+)*="})]
+DaskAddress = Annotated[str, Field(max_length=500, json_schema_extra={"pattern": DASK_ADDRESS_PATTERN})]
+
+
 @flow(name="release", flow_run_name=_run_name)
 def release_flow(
-    recipe_path: str,
-    registry: str | None = None,
-    samples: int | None = None,
-    seed: int | None = None,
+    recipe_path: RecipePath,
+    registry: Annotated[str, Field(min_length=1, max_length=1000)] | None = None,
+    samples: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] | None = None,
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None,
     publish: bool = True,
-    overrides: list[str] | None = None,
-    workers: int | None = None,
-    dask_address: str | None = None,
+    overrides: Annotated[list[Override], Field(max_length=100)] | None = None,
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | None = None,
+    dask_address: DaskAddress | None = None,
     force: bool = False,
 ) -> RunSummary:
     """Turn a recipe into a gated release in `registry` (tagged and pushed when `publish`).
@@ -246,7 +259,8 @@ def release_flow(
     does not publish a duplicate. (The Args below are the Prefect UI's form help.)
 
     Args:
-        recipe_path: The recipe YAML, relative to the checkout, e.g. recipes/shapes.yaml.
+        recipe_path: The recipe YAML, relative to the checkout (no ".." or leading "/"),
+            e.g. recipes/shapes.yaml.
         registry: The git + DVC data registry to release into; empty: $SYNTHFACTORY_REGISTRY,
             else the checkout the worker runs in.
         samples: How many samples to generate; empty: the recipe's `samples`.
@@ -260,20 +274,34 @@ def release_flow(
         force: Release even when the inputs equal the latest release's (otherwise that
             release is reported as current and nothing is tagged).
     """
-    request = ReleaseRequest(
-        recipe_path, registry or settings.default_registry(), samples, seed, publish, tuple(overrides or ()), workers,
-        dask_address, force,
-    )
-    job = _prepared_job(request)
+    job = None
     try:
+        job = _prepared_job(ReleaseRequest(
+            _confined(recipe_path), registry or settings.default_registry(), samples, seed, publish,
+            tuple(overrides or ()), workers, dask_address, force,
+        ))
         summary = _release(job)
     except BaseException:
-        _name_run(f"{job.recipe.name}: failed")
+        _name_run(f"{job.recipe.name if job else Path(recipe_path).stem}: failed")
         raise
     finally:
-        release_locks(job)
+        if job is not None:
+            release_locks(job)
     _name_run(summary.run_name())
     return summary
+
+
+def _confined(recipe_path: str) -> str:
+    """A deployment run (parameters from the UI or API, untrusted) reads recipes inside its
+    checkout only; a run started here by `synthfactory run` may name any file."""
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        return recipe_path
+    checkout = Path.cwd().resolve()
+    if Path(recipe_path).is_absolute() or not (checkout / recipe_path).resolve().is_relative_to(checkout):
+        raise RecipeError(f"recipe_path {recipe_path!r}: a deployment run reads recipes inside its checkout only")
+    return recipe_path
 
 
 def _release(job: ReleaseJob) -> RunSummary:
@@ -310,12 +338,7 @@ def _release(job: ReleaseJob) -> RunSummary:
     with _timed(summary, "validate"):
         gate = validate_release(job, staged)
     if not gate.success:
-        create_markdown_artifact(gate_failure_markdown(job.recipe.name, gate), key=_artifact_key(job),
-                                 description=f"{job.recipe.name}: gate failed, nothing published")
-        raise GateFailedError(
-            f"validation gate failed for {job.recipe.name}; nothing was published "
-            f"(report: {job.stage_dir / 'validation' / 'index.html'})\n{gate.summary()}"
-        )
+        _gate_failed(job, gate)
     _say("gate passed: %d expectations met", len(gate.outcomes))
     summary.samples, summary.rejected, summary.rejected_by = metrics["samples"], metrics["rejected"], metrics["rejected_by"]
     summary.retries, summary.shards_generated, summary.shards_reused = run.retries, run.shards_generated, run.shards_reused
@@ -349,6 +372,22 @@ def _release(job: ReleaseJob) -> RunSummary:
         key=f"{_artifact_key(job)}-report",
     )
     return summary
+
+
+def _gate_failed(job: ReleaseJob, gate: GateResult) -> NoReturn:
+    """Keep the failed run's report and Data Docs (the next run reuses the stage), link
+    them from the run, and end it with the failed expectations."""
+    from prefect.runtime import flow_run
+
+    kept = keep_failed_report(job.stage_dir, job.recipe.name, str(flow_run.id or "local"))
+    data_docs, report = browser_link(kept / "validation" / "index.html"), browser_link(kept / "report" / "index.html")
+    create_markdown_artifact(gate_failure_markdown(job.recipe.name, gate, data_docs, report), key=_artifact_key(job),
+                             description=f"{job.recipe.name}: gate failed, nothing published")
+    create_link_artifact(data_docs, link_text=f"{job.recipe.name}: Data Docs of the failed gate",
+                         key=f"{_artifact_key(job)}-report")
+    raise GateFailedError(
+        f"validation gate failed for {job.recipe.name}; nothing was published (Data Docs: {data_docs})\n{gate.summary()}"
+    )
 
 
 def _runner_text(execution: Execution, shards_to_generate: int) -> str:
@@ -402,17 +441,23 @@ def prefect_api() -> Iterator[None]:
         return
     api_url, started = ensure_local_api()
     logger.info("Prefect API: %s local server at %s (UI: %s)", "started a" if started else "the",
-                api_url, api_url.removesuffix("/api"))
+                api_url, ui_url(api_url))
     # In the environment and Prefect's process-wide settings, not only this context's:
     # shard worker processes and Prefect's own threads (log and event forwarding) must
-    # report here too, or each starts a temporary server of its own.
-    os.environ["PREFECT_API_URL"] = api_url
+    # report here too, or each starts a temporary server of its own. The UI URL makes
+    # Prefect's "View at" links open the current UI.
+    before = {name: os.environ.get(name) for name in ("PREFECT_API_URL", "PREFECT_UI_URL")}
+    os.environ.update(PREFECT_API_URL=api_url, PREFECT_UI_URL=ui_url(api_url))
     refresh_global_settings_context()
     try:
         yield
     finally:
         drain_prefect_workers()
-        del os.environ["PREFECT_API_URL"]
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
         refresh_global_settings_context()
 
 

@@ -40,6 +40,11 @@ IDLE_EXIT_S = float(os.environ.get("SYNTHFACTORY_PREFECT_IDLE_EXIT_S", 1800))
 HOST = "127.0.0.1"
 
 
+def ui_url(api_url: str) -> str:
+    """The current (v2) UI of the server at `api_url`; its root-level paths are the old UI's."""
+    return api_url.removesuffix("/api") + "/v2"
+
+
 class LocalApiError(RuntimeError):
     """The local Prefect server could not be started; the message says why and where its log is."""
 
@@ -113,6 +118,7 @@ def ensure_local_api() -> tuple[str, bool]:
             "PREFECT_HOME": str(home),
             "PREFECT_API_URL": api_url,
             "PREFECT_UI_API_URL": api_url,  # the UI's own calls go to this port, not 4200
+            "PREFECT_UI_URL": ui_url(api_url),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
         log = home / LOG

@@ -58,6 +58,13 @@ class Faults(_Strict):
     shards: tuple[int, ...] | None = Field(None, description="shard indices to fail; default all")
 
 
+#: bounds shared with the release flow's parameters (the deployment form checks them)
+MAX_SAMPLES = 1_000_000_000
+MAX_SEED = 2**63 - 1
+MAX_WORKERS = 1024
+DASK_ADDRESS_PATTERN = r"^(tcp|tls|inproc|ucx)://\S+$"
+
+
 class Execution(_Strict):
     """How the flow runs shards: parallel workers and retries with exponential backoff."""
 
@@ -65,10 +72,10 @@ class Execution(_Strict):
         "process", description="where shards run: a local process pool, threads, or a Dask cluster"
     )
     workers: int | None = Field(
-        None, ge=1, le=1024, description="parallel shards; default: CPU count (dask: local cluster size)"
+        None, ge=1, le=MAX_WORKERS, description="parallel shards; default: CPU count (dask: local cluster size)"
     )
     dask_address: str | None = Field(
-        None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$",
+        None, pattern=DASK_ADDRESS_PATTERN,
         description="scheduler of an existing Dask cluster (runner: dask); default: a local cluster",
     )
     retries: int = Field(3, ge=0, le=20)
@@ -91,9 +98,9 @@ class Recipe(_Strict):
     description: str = ""
     generator: PluginSpec
     checks: tuple[PluginSpec, ...] = Field((), description="per-sample checks run right after generation")
-    samples: int = Field(ge=1, le=1_000_000_000)
+    samples: int = Field(ge=1, le=MAX_SAMPLES)
     shard_size: int = Field(1000, ge=1, le=1_000_000)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     validation: ValidationSettings = ValidationSettings()
     execution: Execution = Execution()
     faults: Faults = Faults()

@@ -20,6 +20,7 @@ import ctypes
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,7 +32,9 @@ import yaml
 
 from synthfactory import settings
 from synthfactory.daemons import port_is_free
-from synthfactory.local_api import LocalApiError, prefect_home, record, stop_local_api, wait_until_healthy
+from synthfactory.local_api import LocalApiError, prefect_home, record, stop_local_api, ui_url, wait_until_healthy
+from synthfactory.release.links import REPORTS_URL_VAR, kept_reports_dir
+from synthfactory.report_site import ReportSite
 from synthfactory.s3server import ENV_FILE, daemon_config, start_daemon, stop_daemon
 from synthfactory.storage import ENV_FILE_VAR, StorageError
 
@@ -162,6 +165,8 @@ def child_environments(stack: "Stack", environ: Mapping[str, str], home: Path) -
     others get the client auth (the server's, when it starts here) from the environment,
     never on a command line."""
     server_env = {**environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": stack.api_url, "PREFECT_CLI_PROMPT": "false"}
+    if not stack.remote_api:  # links in logs ("View at ...") open the current UI, not the old one
+        server_env["PREFECT_UI_URL"] = ui_url(stack.api_url)
     # Deploying without SYNTHFACTORY_CHECKOUT keeps prefect.yaml's pull step a template that
     # each worker resolves to its own checkout at run time.
     deploy_env = {name: value for name, value in server_env.items() if name not in (*SERVER_ONLY_VARS, CHECKOUT_VAR)}
@@ -172,6 +177,7 @@ def child_environments(stack: "Stack", environ: Mapping[str, str], home: Path) -
         CHECKOUT_VAR: str(stack.checkout),
         "SYNTHFACTORY_DATA_DIR": str(settings.data_dir()),
         "SYNTHFACTORY_REGISTRY": str(stack.registry),
+        REPORTS_URL_VAR: stack.reports_url,
     }
     return server_env, deploy_env, worker_env
 
@@ -182,10 +188,10 @@ def _client_settings(api_url: str, auth_string: str | None) -> dict:
     return {PREFECT_API_URL: api_url, **({PREFECT_API_AUTH_STRING: auth_string} if auth_string else {})}
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, role: str = "the Prefect API and UI") -> None:
     if not port_is_free(port, host):
         raise ServerInputError(
-            f"cannot listen on {host}:{port}: another server (a Prefect server?) uses it; pass --port"
+            f"cannot listen on {host}:{port} for {role}: another server (a Prefect server?) uses it; pass --port"
         )
 
 
@@ -344,6 +350,17 @@ class Stack:
             return self.remote_api
         return f"http://{'127.0.0.1' if self.host in WILDCARD_HOSTS else self.host}:{self.port}/api"
 
+    @property
+    def reports_port(self) -> int:
+        """The kept-reports site listens next to the UI (see `synthfactory.report_site`)."""
+        return self.port + 1 if self.port < 65535 else self.port - 1
+
+    @property
+    def reports_url(self) -> str:
+        """Where a browser opens the kept reports: the UI's host, on `reports_port`."""
+        host = self.host if self.host not in WILDCARD_HOSTS else socket.gethostname()
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.reports_port}"
+
 
 def serve(stack: Stack, say: Callable[[str], None]) -> None:
     """Start S3, server, deployments and workers; run until SIGINT/SIGTERM or until a child
@@ -354,6 +371,8 @@ def serve(stack: Stack, say: Callable[[str], None]) -> None:
     specs = read_prefect_file(stack.prefect_file)
     if not stack.remote_api:
         check_port_free(stack.host, stack.port)
+    if stack.run_worker:
+        check_port_free(stack.host, stack.reports_port, "the failed-gate reports site (next to the UI's port)")
     pools = sorted({spec.work_pool for spec in specs})
     home = prefect_home()
     env, deploy_env, worker_env = child_environments(stack, os.environ, home)
@@ -387,6 +406,8 @@ def serve(stack: Stack, say: Callable[[str], None]) -> None:
             children = [server] if server else []
             if stack.run_worker:
                 ensure_registry(stack.registry, stack.checkout)
+                reports = ReportSite(kept_reports_dir(), stack.host, stack.reports_port, worker_env.get(CLIENT_AUTH_VAR)).start()
+                running.callback(reports.stop)
                 for pool in pools:
                     worker = Child(f"worker for pool {pool!r}", _prefect("worker", "start", "--pool", pool, "--type", "process"),
                                    worker_env, stack.checkout)
@@ -446,8 +467,10 @@ def _ready_message(stack: Stack, example: str, s3_env_file: str | None, auth: bo
     load_s3 = f"set -a; . {s3_env_file}; set +a; " if s3_env_file else ""
     lines = [
         "",
-        f"Ready. Prefect UI: {stack.api_url.removesuffix('/api')}  (Deployments: schedules, parameters, Run > Custom run)",
+        f"Ready. Prefect UI: {ui_url(stack.api_url)}  (Deployments: schedules, parameters, Run > Custom run)",
     ]
+    if stack.run_worker:
+        lines.append(f"Failed-gate reports and Data Docs: {stack.reports_url} (linked from each run's artifacts)")
     if auth:  # the variable's name only: the secret itself is never printed
         lines.append(f"The API requires basic auth: the UI asks for the user:password; clients read {CLIENT_AUTH_VAR}.")
     lines += [

@@ -8,7 +8,8 @@ from pathlib import Path
 #: no telemetry or update checks from any of the tools we drive (no network at run time)
 OFFLINE_DEFAULTS = {
     "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the UI reads it too: no analytics calls from browsers
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",  # no upgrade prompts or marketing banners
     "GX_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
     "HF_HUB_OFFLINE": "1",

@@ -123,6 +123,7 @@ def test_runs_share_one_local_prefect_server_and_a_failed_gate_is_one_message(tm
     a failed gate ends in the one error line, its bracketed examples intact, no traceback."""
     import json
     import os
+    import urllib.parse
 
     from synthfactory.local_api import RECORD, stop_local_api
 
@@ -148,3 +149,8 @@ def test_runs_share_one_local_prefect_server_and_a_failed_gate_is_one_message(tm
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith("error: validation gate failed for skewed")
         assert "e.g. [label=" in result.stderr  # rich markup did not eat the example
+        # the Data Docs outlive the stage (the next run reuses it): a kept copy, linked
+        data_docs = Path(urllib.parse.urlparse(errors[0].split("(Data Docs: ")[1].split(")")[0]).path)
+        assert data_docs.is_relative_to(tmp_path / "data" / "reports" / "skewed") and data_docs.is_file()
+        assert "Great Expectations" in data_docs.read_text() and (data_docs.parent.parent / "report" / "index.html").is_file()
+    assert len(list((tmp_path / "data" / "reports" / "skewed").iterdir())) == 2  # one per run

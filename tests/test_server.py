@@ -4,7 +4,9 @@ tag that a fresh clone restores with `dvc pull`."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -219,6 +222,196 @@ def test_an_active_schedule_gets_upcoming_runs(live_server):
             sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=10,  # explicit: the pinned FastAPI refuses nulls
         )
     assert [run.expected_start_time.hour for run in upcoming][:1] == [2]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven through chromedriver; its network log is kept."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("the UI test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def page_text(driver: Any) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def wait_for_text(driver: Any, *texts: str, timeout: float = 120) -> str:
+    """Poll the page until it shows every one of `texts` (the UI renders after its API calls)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = page_text(driver)
+        if all(text in shown for text in texts):
+            return shown
+        if time.monotonic() > deadline:
+            pytest.fail(f"{driver.current_url} did not show {[t for t in texts if t not in shown]}:\n{shown[-3000:]}")
+        time.sleep(0.5)
+
+
+def form_field(driver: Any, label: str) -> Any:
+    """The Custom-run form's block for one parameter, found by its label, once it renders."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    xpath = f"//label[normalize-space()='{label}']/ancestor::div[contains(concat(' ', @class, ' '), ' group ')][1]"
+    return WebDriverWait(driver, 120).until(lambda d: d.find_element(By.XPATH, xpath))
+
+
+def fill_optional(driver: Any, label: str, kind: str, value: str) -> None:
+    """An optional parameter starts as None: pick its type, then type the value (a list
+    gets one item)."""
+    from selenium.webdriver.common.by import By
+
+    form_field(driver, label).find_element(By.XPATH, f".//button[normalize-space()='{kind}']").click()
+    if kind == "list":
+        form_field(driver, label).find_element(By.XPATH, ".//button[normalize-space()='Add item']").click()
+    box = form_field(driver, label)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 30).until(lambda d: box.find_elements(By.CSS_SELECTOR, "input, textarea"))
+    box.find_elements(By.CSS_SELECTOR, "input, textarea")[-1].send_keys(value)
+
+
+def finished_run(server: RunningServer, parameters: dict[str, Any], timeout: float = 300) -> Any:
+    """The shapes run with these parameters, once it has ended."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with prefect_client(server) as client:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["shapes"])),
+                                         sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=20, offset=0)
+        matching = [run for run in runs if all(run.parameters.get(k) == v for k, v in parameters.items())]
+        if matching and matching[0].state and matching[0].state.is_final():
+            return matching[0]
+        if time.monotonic() > deadline:
+            pytest.fail(f"no finished shapes run with {parameters} within {timeout:g}s:\n{server.text()[-3000:]}")
+        time.sleep(1)
+
+
+def run_artifact(server: RunningServer, run_id: Any, key: str) -> Any:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    with prefect_client(server) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+                                            limit=5, offset=0)
+    return artifact
+
+
+def artifact_link(driver: Any, ui: str, artifact: Any, text: str) -> str:
+    """Open the artifact's page in the UI and return the URL of its link showing `text`."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{ui}/artifacts/artifact/{artifact.id}")
+    link = WebDriverWait(driver, 120).until(lambda d: d.find_element(By.PARTIAL_LINK_TEXT, text))
+    return link.get_attribute("href")
+
+
+@pytest.mark.slow
+def test_the_ui_tells_each_release_story(live_server, browser, tmp_path):
+    """Headless Chromium in the real UI: deployments listed, a run submitted from the
+    Custom-run form, named by its outcome, its logs telling the release and its report link
+    opening; a skipped and a failed run told apart at a glance, the failed gate's Data Docs
+    opening; bad parameters refused at submission; no analytics events sent.
+    Screenshots go to $SYNTHFACTORY_UI_SCREENSHOTS when set (the README's tour)."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from selenium.webdriver.common.by import By
+
+    shots = Path(os.environ.get("SYNTHFACTORY_UI_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    ui = live_server.api_url.removesuffix("/api") + "/v2"
+    assert f"Ready. Prefect UI: {ui} " in live_server.text()
+
+    browser.get(f"{ui}/deployments")
+    wait_for_text(browser, "shapes", "synclr", "instructions", "At 02:00 AM")
+    browser.save_screenshot(str(shots / "1-deployments.png"))
+
+    with prefect_client(live_server) as client:
+        deployment = client.read_deployment_by_name("release/shapes")
+    browser.get(f"{ui}/deployments/deployment/{deployment.id}/run")
+    wait_for_text(browser, "How many samples to generate", "FIELD.PATH=VALUE")
+    fill_optional(browser, "samples (Optional)", "int", "200")
+    fill_optional(browser, "overrides (Optional)", "list", "shard_size=50")
+    browser.save_screenshot(str(shots / "2-custom-run.png"))
+    browser.find_element(By.XPATH, "//button[normalize-space()='Submit']").click()
+
+    # shapes@v1's samples in another shard layout: new inputs, the same (gate-passing) data
+    released = finished_run(live_server, {"samples": 200, "overrides": ["shard_size=50"]})
+    assert released.state.is_completed(), f"{released.state!r}\n{live_server.text()[-3000:]}"
+    assert released.name == "shapes@v2 · 200 samples"
+    browser.get(f"{ui}/runs/flow-run/{released.id}")
+    logs = wait_for_text(browser, "shapes@v2 · 200 samples", "plan: 200 samples of shapes in 4 shards", "gate passed")
+    assert "Traceback" not in logs
+    browser.save_screenshot(str(shots / "3-run-logs.png"))
+    with prefect_client(live_server) as client:  # the rest of the story, below the fold of the log view
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        story = "\n".join(log.message for log in client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[released.id])), limit=200, offset=0))
+    assert "released shapes@v2" in story and "synthfactory pull shapes@v2" in story and "report: http://" in story
+
+    report = artifact_link(browser, ui, run_artifact(live_server, released.id, "release-shapes-report"),
+                           "shapes@v2 report (valid until")
+    assert report.startswith("http://127.0.0.1:") and "X-Amz-Signature=" in report  # presigned, not file://
+    browser.get(report)
+    wait_for_text(browser, "shapes", "Validation gate")
+    browser.save_screenshot(str(shots / "4-report.png"))
+
+    with temporary_settings({PREFECT_API_URL: live_server.api_url}):
+        skipped = run_deployment("release/shapes", parameters={"samples": 200, "overrides": ["shard_size=50"]},
+                                 timeout=300, poll_interval=1)
+        failed = run_deployment("release/shapes", parameters={"samples": 20, "overrides": ["shard_size=20"]},
+                                timeout=300, poll_interval=1)
+    assert skipped.state.is_completed() and skipped.name == "shapes: skipped (shapes@v2 is current)"
+    assert failed.state.is_failed() and failed.name == "shapes: failed"
+    browser.get(f"{ui}/runs/flow-run/{failed.id}")
+    logs = wait_for_text(browser, "shapes: failed", "GateFailedError: validation gate failed for shapes")
+    assert "Traceback" not in logs
+    browser.save_screenshot(str(shots / "5-failed-run.png"))
+
+    data_docs = artifact_link(browser, ui, run_artifact(live_server, failed.id, "release-shapes-report"),
+                              "Data Docs of the failed gate")
+    assert data_docs == f"http://127.0.0.1:{live_server.port + 1}/shapes/{failed.id}/validation/index.html"
+    browser.get(data_docs)
+    wait_for_text(browser, "Expectation")
+    browser.save_screenshot(str(shots / "6-data-docs.png"))
+
+    browser.get(f"{ui}/runs")
+    wait_for_text(browser, "shapes@v2 · 200 samples", "shapes: skipped (shapes@v2 is current)", "shapes: failed")
+    browser.save_screenshot(str(shots / "7-runs.png"))
+
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    with prefect_client(live_server) as client:
+        for bad in ({"samples": 0}, {"recipe_path": "../../etc/passwd.yaml"}, {"overrides": ["shard_size 100"]}):
+            with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
+                client.create_flow_run_from_deployment(deployment.id, parameters=bad)
+
+    requests = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
+    sent = [m["params"]["request"]["url"] for m in requests if m["method"] == "Network.requestWillBeSent"]
+    assert not [url for url in sent if "amplitude.com/2/httpapi" in url or "amplitude.com/batch" in url]
 
 
 @pytest.mark.slow

@@ -188,11 +188,13 @@ def skip_markdown(summary: RunSummary) -> str:
             + _pull_markdown(summary))
 
 
-def gate_failure_markdown(dataset: str, gate: Any) -> str:
-    """A failed gate's artifact: each failed expectation, with counts (a GateResult)."""
+def gate_failure_markdown(dataset: str, gate: Any, data_docs_url: str, report_url: str) -> str:
+    """A failed gate's artifact: each failed expectation, with counts (a GateResult), and
+    links to the Data Docs and the report of what was generated."""
     failed = "\n".join(f"- {outcome.describe()}" for outcome in gate.failures)
     return (f"## {dataset}: gate failed, nothing published\n\n{len(gate.failures)} of {len(gate.outcomes)} "
-            f"expectations failed:\n\n{failed}\n")
+            f"expectations failed:\n\n{failed}\n\n[Great Expectations Data Docs]({data_docs_url}) · "
+            f"[report of what was generated]({report_url})\n")
 
 
 def _pull_markdown(summary: RunSummary) -> str:
