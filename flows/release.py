@@ -36,6 +36,7 @@ from synthfactory.progress import ShardProgress
 from synthfactory.recipe import DASK_ADDRESS_PATTERN, MAX_SAMPLES, MAX_SEED, MAX_WORKERS, Execution, RecipeError
 from synthfactory.registry import RegistryError
 from synthfactory.release.build import ShardFailedError, ShardResult
+from synthfactory.release.cost import BudgetExceededError, describe_usage, shards_cost
 from synthfactory.release.gate import GateFailedError
 from synthfactory.release.links import browser_link, keep_failed_report
 from synthfactory.release.job import (
@@ -53,7 +54,8 @@ logger = logging.getLogger("synthfactory.flows")
 
 #: failures a user fixes from the message alone (bad input, a failed gate, storage, a
 #: shard that kept failing): logged as one line, never with a traceback
-EXPECTED_ERRORS = (RecipeError, ModelError, StorageError, RegistryError, GateFailedError, ShardFailedError)
+EXPECTED_ERRORS = (RecipeError, ModelError, StorageError, RegistryError, GateFailedError, ShardFailedError,
+                   BudgetExceededError)
 
 
 def _failure(record: logging.LogRecord) -> BaseException | None:
@@ -213,6 +215,7 @@ def generate_shards(job: ReleaseJob, runner: TaskRunner) -> list[ShardResult]:
                         f"(finished shards are kept in {job.cache.root}; a rerun reuses them)"
                     ) from exc
                 results.append(result)
+                _within_budget(job, results)
                 shard, manifest = job.cache.shard_files(result.key, result.name)
                 feed.shard_ready(result.name, shard, result.samples, manifest)
                 progress.shard_done(result.samples)
@@ -222,6 +225,21 @@ def generate_shards(job: ReleaseJob, runner: TaskRunner) -> list[ShardResult]:
         raise
     feed.close("finished")
     return results
+
+
+def _within_budget(job: ReleaseJob, results: list[ShardResult]) -> None:
+    """Stop generating once the shards made so far cost the recipe's budget_usd; they stay
+    in the shard cache (shards in flight finish there too), so a rerun with a higher
+    budget pays only for the rest."""
+    budget = job.recipe.budget_usd
+    if budget is None:
+        return
+    spent = shards_cost(job.recipe.cost, results)["total"]
+    if spent >= budget:
+        raise BudgetExceededError(
+            f"budget_usd {budget:g} reached: the {len(results)} of {job.recipe.shard_count} shards made so far cost "
+            f"${spent:.4f}; they are kept in {job.cache.root} (raise budget_usd and rerun to make the rest)"
+        )
 
 
 def _artifact_key(job: ReleaseJob) -> str:
@@ -343,6 +361,9 @@ def _release(job: ReleaseJob) -> RunSummary:
     summary.samples, summary.rejected, summary.rejected_by = metrics["samples"], metrics["rejected"], metrics["rejected_by"]
     summary.retries, summary.shards_generated, summary.shards_reused = run.retries, run.shards_generated, run.shards_reused
     summary.samples_per_s, summary.expectations = metrics["run"]["samples_per_s"], len(gate.outcomes)
+    summary.usage = describe_usage(metrics) or ""
+    if summary.usage:
+        _say("cost and usage: %s", summary.usage)
     with _timed(summary, "publish" if publish else "materialize"):
         if publish:
             published = publish_release(job, staged)

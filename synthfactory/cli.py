@@ -103,6 +103,8 @@ def _print_summary(summary: "RunSummary") -> None:
         f"{summary.shards_reused} reused) -> {escape(summary.release_dir)}",
         highlight=False,
     )
+    if summary.usage:
+        out.print(f"cost and usage: {escape(summary.usage)}", highlight=False, soft_wrap=True)
     if summary.store and summary.tag:
         out.print(f"pushed to {escape(summary.store)}", highlight=False)
     if summary.report_url:

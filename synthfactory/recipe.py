@@ -88,6 +88,15 @@ class Execution(_Strict):
         return [self.retry_backoff_s * 2**attempt for attempt in range(self.retries)]
 
 
+class Prices(_Strict):
+    """What generating costs, for the release's cost figures and `budget_usd`: token prices
+    of a served or hosted model, and the hourly price of a local accelerator."""
+
+    usd_per_million_input_tokens: float = Field(0.0, ge=0, le=1e6)
+    usd_per_million_output_tokens: float = Field(0.0, ge=0, le=1e6)
+    usd_per_gpu_hour: float = Field(0.0, ge=0, le=1e6)
+
+
 #: the most shards one recipe may plan: every shard has a plan and a cache key held in
 #: memory for the run (about 270 bytes each), and one task run
 MAX_SHARDS = 100_000
@@ -104,6 +113,10 @@ class Recipe(_Strict):
     validation: ValidationSettings = ValidationSettings()
     execution: Execution = Execution()
     faults: Faults = Faults()
+    cost: Prices = Prices()
+    budget_usd: float | None = Field(
+        None, gt=0, le=1e9, description="stop generating (finished shards kept) once the release has cost this much"
+    )
 
     @property
     def shard_count(self) -> int:

@@ -19,37 +19,26 @@ import pytest
 from pydantic import ValidationError
 
 from synthfactory.daemons import free_ports
-from synthfactory.serving import (
+from synthfactory.serving.cache import ResponseCache, request_key
+from synthfactory.serving.endpoint import (
+    AdaptiveLimiter,
     Completion,
     CompletionRequest,
     EndpointError,
-    EndpointParams,
     EndpointStats,
     Failure,
-    ResponseCache,
+    _cut_at_stop,
     check_endpoint,
     complete_batch,
-    request_key,
+    parse_retry_after,
 )
-from synthfactory.serving.endpoint import AdaptiveLimiter, _cut_at_stop, parse_retry_after
-from synthfactory.serving.testserver import Fault, FaultProxy, ServedModel, start_transformers_serve
-from synthfactory.tinymodels import write_tiny_causal_lm
-
-#: role: content lines, then the assistant's turn; enough for /v1/chat/completions
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-
+from synthfactory.serving.params import EndpointParams
+from synthfactory.serving.testserver import Fault, FaultProxy, ServedModel, serve_tiny_lm
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
     """The tiny llama, sampling (so `seed` matters) and with a chat template, served for the module."""
-    model_dir = write_tiny_causal_lm(tmp_path_factory.mktemp("serve") / "tiny-llm")
-    (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    config_path = model_dir / "generation_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "do_sample": True}))
-    with start_transformers_serve(model_dir, device="cpu") as server:
+    with serve_tiny_lm(tmp_path_factory.mktemp("serve")) as server:
         yield server
 
 

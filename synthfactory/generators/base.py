@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 from synthfactory.plugins import Plugin, PluginParams, Registry
@@ -33,6 +34,9 @@ class Generator(Plugin):
     #: for a chained generator, the params field holding the upstream generator's spec;
     #: the instance exposes the built upstream generator under the same attribute name
     upstream: ClassVar[str | None] = None
+    #: where a generator that pays per request keeps the answers it got, so a rerun pays
+    #: nothing twice (set by the shard builder, beside the shard cache)
+    response_cache: Path | None = None
 
     @abstractmethod
     def generate(self, slots: Sequence[SampleSlot]) -> Iterable[Sample | Rejection]:
@@ -43,6 +47,12 @@ class Generator(Plugin):
         if self.upstream is None:
             return [self]
         return [self, *getattr(self, self.upstream).chain()]
+
+    def take_usage(self) -> dict[str, float]:
+        """What generating used since the last call (requests, tokens, retries, cache hits),
+        for the shard's record and the release's cost; nothing for a generator that calls
+        no model."""
+        return {}
 
     def outputs_per_slot(self) -> int:
         """Samples each slot yields when nothing is rejected (k images per caption)."""

@@ -6,11 +6,21 @@ the background or relation it needs, and `examples_per_prompt` in-context exampl
 that template from the pool. The prompt is the examples, one per line, then the query
 line; the completion's first line is the caption.
 
-Sampling is per sample: temperature and top-p are applied as logits processors and
-the token is drawn by adding Gumbel noise from the sample's own `torch.Generator` and
-taking the argmax (exactly a draw from the truncated softmax). So a caption depends on
-its seed, not on the batch it shared or on the global RNG, and a rerun on the same
-hardware reproduces it; batching with left padding keeps the accelerator busy.
+Two backends. `transformers` (the default) runs the LM in the shard's process. Sampling
+is per sample: temperature and top-p are applied as logits processors and the token is
+drawn by adding Gumbel noise from the sample's own `torch.Generator` and taking the argmax
+(exactly a draw from the truncated softmax). So a caption depends on its seed, not on the
+batch it shared or on the global RNG, and a rerun on the same hardware reproduces it;
+batching with left padding keeps the accelerator busy.
+
+`openai` sends the same prompts to an OpenAI-compatible server (vLLM, SGLang, TGI,
+`transformers serve`, a hosted API), a shard's requests concurrently, each with the
+sample's seed. Every answer is kept in the response cache beside the shard cache, so a
+rerun, a resumed run or an append re-sends nothing already answered, and the release is
+reproducible from the registry even where the server does not honour seeds. A request
+that keeps failing rejects its sample with the reason. Tokens per sample (the server's
+`usage`, or the tokenizer's count in process) go into the manifest; requests, retries,
+back-offs and cache hits into the release's usage and cost.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
@@ -31,6 +41,8 @@ from synthfactory import models
 from synthfactory.generators.base import GENERATORS, Generator, GeneratorParams
 from synthfactory.generators.inputs import read_lines, read_yaml_list
 from synthfactory.samples import Rejection, Sample, SampleSlot
+from synthfactory.serving.params import EndpointParams
+from synthfactory.usage import add_usage
 
 #: SynCLR's positional words for the `concept, relation` template
 RELATIONS = ("in front of", "behind", "next to", "on top of", "under", "above", "below", "beside", "inside", "near")
@@ -100,8 +112,26 @@ SYNCLR_TEMPLATES = (
 )
 
 
+class TransformersBackend(_Input):
+    """Run the causal LM (params `model`, `device`, `dtype`) in the shard's process."""
+
+    kind: Literal["transformers"] = "transformers"
+
+
+class OpenAIBackend(EndpointParams):
+    """Send the prompts to an OpenAI-compatible server; `model` is the name it serves."""
+
+    kind: Literal["openai"]
+
+
+Backend = Annotated[TransformersBackend | OpenAIBackend, Field(discriminator="kind")]
+#: a served request's seed: the slot's seed folded to 31 bits, which every server accepts
+SERVED_SEED_BITS = 31
+
+
 class LLMCaptionParams(GeneratorParams, models.ModelSettings):
     model: str = Field("meta-llama/Llama-2-7b-hf", description="hub id or local dir of a causal LM")
+    backend: Backend = Field(default_factory=TransformersBackend, description="where the LM runs")
     concepts: tuple[ConceptSource, ...] = Field(min_length=1)
     backgrounds: tuple[str, ...] = ()
     backgrounds_file: str | None = None
@@ -134,6 +164,16 @@ class LLMCaptionParams(GeneratorParams, models.ModelSettings):
             if "relation" in template.fields() and not self.relations:
                 raise ValueError(f"template {template.name!r} needs relations")
         return self
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The LM's raw completion for one prompt (or why there is none), with its token counts."""
+
+    text: str | None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    failure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,8 +226,9 @@ def _seeded_sampler(seeds: Sequence[int], temperature: float, top_p: float) -> A
 @GENERATORS.register("llm-captions")
 class LLMCaptions(models.UsesModel, Generator):
     Params = LLMCaptionParams
-    version = "1"
-    code = ("synthfactory.models", "synthfactory.generators.inputs")
+    version = "2"  # 2: token counts in each sample's json
+    code = ("synthfactory.models", "synthfactory.generators.inputs", "synthfactory.serving.params",
+            "synthfactory.serving.endpoint")  # the client cuts completions at stop strings
     columns = {
         "concept": pa.string(),
         "concept_source": pa.string(),
@@ -198,9 +239,47 @@ class LLMCaptions(models.UsesModel, Generator):
         "caption_model": pa.string(),
         "caption_model_revision": pa.string(),
         "caption_seed": pa.int64(),
+        "prompt_tokens": pa.int64(),
+        "completion_tokens": pa.int64(),
     }
     model_role = "caption"
     params: LLMCaptionParams
+
+    def __init__(self, params: LLMCaptionParams) -> None:
+        super().__init__(params)
+        self._usage: list[dict[str, float]] = []
+
+    @property
+    def served(self) -> OpenAIBackend | None:
+        backend = self.params.backend
+        return backend if isinstance(backend, OpenAIBackend) else None
+
+    @cached_property
+    def model(self) -> models.ResolvedModel:
+        """A served model is named as the server serves it; no local weights are needed."""
+        if self.served:
+            return models.ResolvedModel(self.served.model, self.served.revision or "served (revision unknown)", Path())
+        return models.resolve_model(self.params.model, self.params.revision, role=self.model_role)
+
+    @cached_property
+    def device(self) -> models.DeviceName:
+        return "cpu" if self.served else models.select_device(self.params.device)
+
+    def preflight(self) -> None:
+        """A dead or misconfigured endpoint fails the run here, with the URL and what to check."""
+        if not self.served:
+            super().preflight()
+            return
+        from synthfactory.serving.endpoint import EndpointError, check_endpoint
+
+        try:
+            check_endpoint(self.served)
+        except EndpointError as exc:
+            raise models.ModelError(f"caption endpoint: {exc}") from None
+
+    def take_usage(self) -> dict[str, float]:
+        usage, self._usage = add_usage(self._usage), []
+        return usage
 
     @cached_property
     def _pools(self) -> dict[str, list[tuple[int, Example]]]:
@@ -236,8 +315,11 @@ class LLMCaptions(models.UsesModel, Generator):
             example_captions=frozenset(e.caption for _, e in chosen),
         )
 
-    def complete(self, prompts: Sequence[Prompt]) -> list[str]:
+    def complete(self, prompts: Sequence[Prompt]) -> list[Answer]:
         """The LM's raw completions for a batch of prompts, each sampled with its slot's seed."""
+        return self._complete_served(prompts) if self.served else self._complete_here(prompts)
+
+    def _complete_here(self, prompts: Sequence[Prompt]) -> list[Answer]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
@@ -255,17 +337,37 @@ class LLMCaptions(models.UsesModel, Generator):
             sampler = _seeded_sampler([q.slot.seed for q in prompts], p.temperature, p.top_p)
             with torch.inference_mode():
                 output = lm.generate(**encoded, generation_config=config, logits_processor=LogitsProcessorList([sampler]))
-        return tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        prompt_counts = encoded["attention_mask"].sum(dim=1).tolist()
+        completion_counts = (new_tokens != tokenizer.pad_token_id).sum(dim=1).tolist()
+        self._usage.append({"prompt_tokens": sum(prompt_counts), "completion_tokens": sum(completion_counts)})
+        return [Answer(text, int(n_in), int(n_out)) for text, n_in, n_out in zip(texts, prompt_counts, completion_counts)]
+
+    def _complete_served(self, prompts: Sequence[Prompt]) -> list[Answer]:
+        from synthfactory.serving.cache import ResponseCache
+        from synthfactory.serving.endpoint import CompletionRequest, EndpointStats, Failure, complete_batch
+
+        p, stats = self.params, EndpointStats()
+        requests = [CompletionRequest(q.text, q.slot.seed % 2**SERVED_SEED_BITS, p.max_new_tokens, p.temperature,
+                                      p.top_p, stop=("\n",)) for q in prompts]  # the caption is the first line
+        cache = ResponseCache(self.response_cache) if self.response_cache else None
+        results = complete_batch(self.served, requests, cache=cache, stats=stats)
+        self._usage.append(stats.as_dict())
+        return [Answer(None, failure=f"caption endpoint: {r.reason}") if isinstance(r, Failure)
+                else Answer(r.text, r.prompt_tokens, r.completion_tokens) for r in results]
 
     def generate(self, slots: Sequence[SampleSlot]) -> Iterator[Sample | Rejection]:
         for start in range(0, len(slots), self.params.batch_size):
             prompts = [self.prompt(slot) for slot in slots[start : start + self.params.batch_size]]
-            for prompt, completion in zip(prompts, self.complete(prompts), strict=True):
-                yield self._caption(prompt, completion)
+            for prompt, answer in zip(prompts, self.complete(prompts), strict=True):
+                yield self._caption(prompt, answer)
 
-    def _caption(self, prompt: Prompt, completion: str) -> Sample | Rejection:
+    def _caption(self, prompt: Prompt, answer: Answer) -> Sample | Rejection:
         """First line of the completion, stripped; empty, echoed or copied ones are refused."""
-        caption = completion.split("\n", 1)[0].strip()
+        if answer.text is None:
+            return Rejection(prompt.slot, answer.failure or "no completion")
+        caption = answer.text.split("\n", 1)[0].strip()
         if not caption:
             return Rejection(prompt.slot, "empty completion")
         if any(t.marker() and t.marker() in caption for t in self.params.templates):
@@ -282,6 +384,8 @@ class LLMCaptions(models.UsesModel, Generator):
             "caption_model": self.model.id,
             "caption_model_revision": self.model.revision,
             "caption_seed": prompt.slot.seed,
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
         }
         files = {"txt": caption.encode(), "json": json.dumps(columns, sort_keys=True).encode()}
         return Sample(prompt.slot, caption, files, payload="txt", columns=columns)

@@ -11,7 +11,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from synthfactory.checks import Check
@@ -21,6 +21,7 @@ from synthfactory.release.bundle import plugins_of
 from synthfactory.release.shard_cache import ShardCache
 from synthfactory.samples import Rejection, Sample, derive_seed, slot_for
 from synthfactory.shards import ShardPlan, write_shard
+from synthfactory.usage import add_usage
 
 
 class ShardFailedError(RuntimeError):
@@ -41,6 +42,7 @@ class ShardResult:
     reused: bool = False
     worker: str = ""  # host:pid that produced it in this run
     device: str = "cpu"
+    usage: dict[str, float] = field(default_factory=dict)  # what making it used (recorded: also when reused)
 
 
 def run_checks(checks: tuple[Check, ...], samples: list[Sample]) -> tuple[list[Sample], list[Rejection]]:
@@ -58,15 +60,22 @@ def run_checks(checks: tuple[Check, ...], samples: list[Sample]) -> tuple[list[S
     return samples, refused
 
 
-def build_shard(recipe: Recipe, plan: ShardPlan, stage_dir: Path, fragments_dir: Path, attempt: int = 1) -> ShardResult:
-    """Generate samples [plan.start, plan.stop) and write them as one shard."""
+def build_shard(recipe: Recipe, plan: ShardPlan, stage_dir: Path, fragments_dir: Path, attempt: int = 1,
+                responses: Path | None = None) -> ShardResult:
+    """Generate samples [plan.start, plan.stop) and write them as one shard (served-model
+    answers kept in `responses`)."""
     started = time.perf_counter()
     plugins = plugins_of(recipe)
     generator = plugins.generator
+    chain = generator.chain()
+    for link in chain:
+        link.response_cache = responses
+        link.take_usage()  # drop what a failed earlier attempt in this process counted
     slots = [slot_for(recipe.seed, i) for i in range(plan.start, plan.stop)]
     samples, rejections = [], []
     for item in generator.generate(slots):
         (rejections if isinstance(item, Rejection) else samples).append(item)
+    usage = add_usage(link.take_usage() for link in chain)
     unfilled = {slot.index for slot in slots} - {item.slot.index for item in (*samples, *rejections)}
     if unfilled:
         raise RuntimeError(f"generator {recipe.generator.kind} left {len(unfilled)} slots without a sample or rejection")
@@ -74,15 +83,19 @@ def build_shard(recipe: Recipe, plan: ShardPlan, stage_dir: Path, fragments_dir:
     rejections += refused
     write_shard(stage_dir, plan.name, fragments_dir, samples, rejections, generator.plugin_name, generator.version,
                 plugins.schema)
+    seconds, device = time.perf_counter() - started, ",".join(plugins.devices()) or "cpu"
+    if device != "cpu":  # accelerator time is priced (recipe cost.usd_per_gpu_hour)
+        usage = add_usage([usage, {"device_s": seconds}])
     return ShardResult(
         index=plan.index,
         name=plan.name,
         samples=len(samples),
         rejected=len(rejections),
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         attempt=attempt,
         worker=this_worker(),
-        device=",".join(plugins.devices()) or "cpu",
+        device=device,
+        usage=usage,
     )
 
 
@@ -107,13 +120,14 @@ def make_shard(recipe: Recipe, plan: ShardPlan, cache: ShardCache, key: str, att
     recorded = cache.lookup(key)
     if recorded is not None:
         return ShardResult(plan.index, plan.name, recorded["samples"], recorded["rejected"], 0.0, attempt,
-                           key=key, reused=True, worker=this_worker())
+                           key=key, reused=True, worker=this_worker(), usage=recorded.get("usage", {}))
     if injected_fault(recipe.faults, recipe.seed, plan.index, attempt):
         raise TransientGeneratorError(f"injected fault: shard {plan.index} attempt {attempt}")
     staging = cache.staging_dir(key)
     try:
-        result = build_shard(recipe, plan, staging, staging, attempt)
-        cache.commit(staging, key, {"samples": result.samples, "rejected": result.rejected, "seconds": result.seconds})
+        result = build_shard(recipe, plan, staging, staging, attempt, cache.responses)
+        cache.commit(staging, key, {"samples": result.samples, "rejected": result.rejected, "seconds": result.seconds,
+                                    "usage": result.usage})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

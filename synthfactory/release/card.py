@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from synthfactory.recipe import Recipe
+from synthfactory.release.cost import describe_usage
 
 _SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")]
 
@@ -43,6 +44,8 @@ def render_card(
     verdict = "\n".join(f"- {line}" for line in gate_lines)
     code = "\n".join(f"- `{path}`" for path in code_files)
     model_lines = "".join(f"\n- {role} model: `{ident}` at revision `{revision}`" for role, ident, revision in models)
+    usage = describe_usage(metrics)
+    usage_section = f"\n## Cost and usage\n\n{usage} (prices from the recipe's `cost`).\n" if usage else ""
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -76,7 +79,7 @@ def render_card(
 ## Validation
 
 {verdict}
-
+{usage_section}
 ## Loading
 
 ```bash

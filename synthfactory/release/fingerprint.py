@@ -19,8 +19,8 @@ from pathlib import Path
 from synthfactory.recipe import Recipe
 from synthfactory.shards import ShardPlan
 
-#: recipe fields that change how a run executes, never the bytes it makes
-RUN_SETTINGS = ("execution", "faults")
+#: recipe fields that change how a run executes or is accounted, never the bytes it makes
+RUN_SETTINGS = ("execution", "faults", "cost", "budget_usd")
 #: code every release's bytes depend on, whatever its plug-ins
 FORMAT_CODE = ("synthfactory.samples", "synthfactory.shards", "synthfactory.release.build")
 

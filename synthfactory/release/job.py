@@ -89,7 +89,8 @@ class ReleaseJob:
 
     @property
     def cache(self) -> ShardCache:
-        return ShardCache(self.registry.scratch / "shards" / self.recipe.name)
+        scratch = self.registry.scratch
+        return ShardCache(scratch / "shards" / self.recipe.name, scratch / "responses" / self.recipe.name)
 
     @property
     def release_dir(self) -> Path:

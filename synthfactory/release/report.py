@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from synthfactory.files import atomic_write
+from synthfactory.release.cost import describe_usage
 from synthfactory.release.summary import Limit, Quality, RunStats, RunSummary
 from synthfactory.shards import SHARDS_DIR, read_shard
 
@@ -146,6 +147,8 @@ def render_report(
         sections.append("<h2>Quality and diversity</h2>" + _figures(quality.metrics, quality.previous_metrics, quality.limits))
     if quality.notes:
         sections.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in quality.notes) + "</ul>")
+    if usage := describe_usage(metrics):
+        sections.append(f"<h2>Cost and usage</h2><p>{html.escape(usage)}</p>")
     sections.append("<h2>Rejections</h2>" + _rejections(rejected))
     verdict = "".join(f"<li>{html.escape(line)}</li>" for line in gate_lines)
     sections.append(f'<h2>Validation gate</h2><ul>{verdict}</ul><p><a href="../validation/index.html">Great Expectations report</a></p>')
@@ -177,6 +180,7 @@ def run_markdown(summary: RunSummary, run: RunStats) -> str:
         *((f"stage seconds: {stage}", seconds) for stage, seconds in summary.stage_seconds.items()),
     ]
     lines = [f"## {title}", "", f"Gate: passed, {summary.expectations} expectations met.", "",
+             *([f"Cost and usage: {summary.usage}.", ""] if summary.usage else []),
              "| figure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
     return "\n".join(lines) + f"\n\nRelease directory: `{summary.release_dir}`\n" + _pull_markdown(summary)
 

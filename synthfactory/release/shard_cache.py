@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 class ShardCache:
     """The finished shards of one dataset in one registry."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, responses: Path | None = None) -> None:
         self.root = Path(root)
+        #: served-model answers, kept across releases (pruning shards never drops them)
+        self.responses = Path(responses) if responses else None
 
     def entry(self, key: str) -> Path:
         return self.root / key

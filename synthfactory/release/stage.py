@@ -22,6 +22,7 @@ from synthfactory.registry import RegistryError, dvc_get
 from synthfactory.release.build import ShardResult
 from synthfactory.release.bundle import PluginBundle
 from synthfactory.release.job import ReleaseJob
+from synthfactory.release.cost import cost_usd
 from synthfactory.release.shard_cache import ShardCache
 from synthfactory.release.summary import Quality, RunStats, Staged
 from synthfactory.shards import REJECTED_DIR, REJECTED_SCHEMA, SAMPLE_ID_COLUMNS, fragment_path, parquet_bytes, set_aside
@@ -41,6 +42,9 @@ def stage(job: ReleaseJob, results: list[ShardResult], run: RunStats) -> Staged:
     atomic_write(job.stage_dir / "rejected.parquet", parquet_bytes(rejected))
     metrics = dataset_metrics(plugins, job.recipe.samples, job.recipe.shard_count, manifest, rejected)
     metrics["run"] = run.as_dict(manifest.num_rows)
+    if run.usage:  # top level, so `dvc metrics diff` shows what each release used and cost
+        metrics["usage"] = run.usage
+        metrics["cost_usd"] = cost_usd(job.recipe.cost, run.usage)
     if quality.metrics:
         metrics["quality"] = quality.metrics
     return Staged(metrics, quality)

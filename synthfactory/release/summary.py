@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from synthfactory.release.build import ShardResult
+from synthfactory.usage import add_usage
 
 #: (check_metric, min, max): a dataset-level figure the gate holds the release to
 Limit = tuple[str, float | None, float | None]
@@ -23,6 +24,8 @@ class RunStats:
     worker_seconds: float  # generation time summed over shards
     worker_processes: int  # distinct processes that ran shards (scale-out at work)
     device_seconds: dict[str, float]  # generation time on accelerators, per device
+    usage: dict[str, float] = field(default_factory=dict)  # requests, tokens, ... of every shard the release holds
+    usage_this_run: dict[str, float] = field(default_factory=dict)  # of the shards made in this run only
 
     @classmethod
     def of(cls, results: list[ShardResult], seconds: float) -> RunStats:
@@ -38,6 +41,8 @@ class RunStats:
             worker_seconds=round(sum(r.seconds for r in results), 3),
             worker_processes=len({r.worker for r in results}),
             device_seconds=device_seconds,
+            usage=add_usage(r.usage for r in results),
+            usage_this_run=add_usage(r.usage for r in results if not r.reused),
         )
 
     def as_dict(self, samples: int) -> dict[str, Any]:
@@ -87,6 +92,7 @@ class RunSummary:
     expectations: int = 0  # the gate's expectations, all met (a failed gate raises)
     report_url: str = ""  # a browser link to the pushed HTML report (presigned, expires)
     report_expires: str = ""
+    usage: str = ""  # what the release used and cost, in words (empty when it called no model)
 
     def pull_commands(self) -> list[str]:
         """How a user gets the release this run made or found current (none when only staged)."""

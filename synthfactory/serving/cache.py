@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from synthfactory.files import atomic_write_json
-from synthfactory.serving.endpoint import Completion, CompletionRequest, EndpointParams
+from synthfactory.serving.endpoint import Completion, CompletionRequest
+from synthfactory.serving.params import EndpointParams
 
 #: bump when the key's contents or meaning change, so old entries are never mistaken for new ones
 KEY_VERSION = 1

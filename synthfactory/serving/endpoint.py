@@ -19,9 +19,7 @@ import asyncio
 import dataclasses
 import os
 import random
-import re
 import time
-import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,7 +28,8 @@ from typing import Any, Literal, Protocol
 
 import httpx
 import openai
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from synthfactory.serving.params import EndpointParams
 
 
 #: the api_key placeholder servers without auth accept (vLLM's and SGLang's convention)
@@ -42,51 +41,15 @@ RETRY_AFTER_CAP_S = 60.0
 RETRYABLE_4XX = frozenset({408, 409, 429})
 #: statuses that mean "too much load": they cut the concurrency limit
 OVERLOAD_STATUSES = frozenset({429, 503})
-ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_REASON_CHARS = 200
 MAX_LISTED_MODELS = 20
+#: a preflight answered 429/503 asks again this often (a busy server is alive), waiting
+#: its Retry-After up to the cap
+PREFLIGHT_BUSY_TRIES = 3
+PREFLIGHT_BUSY_WAIT_CAP_S = 10.0
 
 #: how an attempt went, as the concurrency limiter sees it
 Outcome = Literal["success", "overload", "other"]
-
-
-class EndpointParams(BaseModel):
-    """Where a served model lives and how hard to push it."""
-
-    # Inputs stay out of validation errors: a rejected base_url may carry a password.
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
-
-    base_url: str = Field(description="the OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
-    model: str = Field(min_length=1, description="the model name the server serves")
-    api: Literal["completions", "chat"] = "completions"
-    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API key")
-    max_concurrency: int = Field(16, ge=1, le=1024)
-    timeout_s: float = Field(60, gt=0, le=3600)
-    max_retries: int = Field(4, ge=0, le=20)
-    revision: str | None = Field(None, description="the model revision, if known; part of the cache key")
-
-    @field_validator("base_url")
-    @classmethod
-    def _plain_http_url(cls, value: str) -> str:
-        parts = urllib.parse.urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("base_url must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(
-                "base_url must not carry credentials (user:password@); put the key in an environment "
-                "variable and name it in api_key_env"
-            )
-        return value.rstrip("/")
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_var_name(cls, value: str | None) -> str | None:
-        if value is not None and not ENV_VAR_NAME.match(value):
-            raise ValueError(
-                "api_key_env is the NAME of the environment variable holding the key (like OPENAI_API_KEY), "
-                "not the key itself"
-            )
-        return value
 
 
 @dataclass(frozen=True)
@@ -254,13 +217,19 @@ def check_endpoint(params: EndpointParams, timeout_s: float = 10) -> None:
     key = _api_key(params)
     url = f"{params.base_url}/models"
     key_hint = f"is ${params.api_key_env} the right key" if params.api_key_env else "does it need a key (api_key_env)"
-    try:
-        response = httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout_s)
-    except httpx.HTTPError as err:
-        raise EndpointError(
-            f"cannot reach {url} ({_one_line(str(err) or type(err).__name__, key)}): "
-            "is the server running and reachable from here, and is base_url right?"
-        ) from None
+    for attempt in range(PREFLIGHT_BUSY_TRIES):
+        try:
+            response = httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout_s)
+        except httpx.HTTPError as err:
+            raise EndpointError(
+                f"cannot reach {url} ({_one_line(str(err) or type(err).__name__, key)}): "
+                "is the server running and reachable from here, and is base_url right?"
+            ) from None
+        if response.status_code not in OVERLOAD_STATUSES:
+            break
+        if attempt == PREFLIGHT_BUSY_TRIES - 1:
+            return  # alive but busy: the run's own back-off deals with that
+        time.sleep(min(parse_retry_after(response.headers.get("Retry-After")) or 1.0, PREFLIGHT_BUSY_WAIT_CAP_S))
     if response.status_code in (401, 403):
         raise EndpointError(f"{url} refused the request (HTTP {response.status_code}): {key_hint}?")
     if response.status_code == 404:

@@ -150,6 +150,7 @@ class _Rule:
     fault: Fault
     prompt: str | None  # None: any request
     remaining: int | None  # None: forever
+    path: str | None = None  # e.g. "/v1/completions"; None: any path
 
 
 def _prompt_of(body: bytes) -> str | None:
@@ -198,10 +199,10 @@ class FaultProxy:
     def base_url(self) -> str:
         return f"http://{HOST}:{self.port}{self._api_path}"
 
-    def inject(self, fault: Fault, *, prompt: str | None = None, times: int | None = 1) -> None:
+    def inject(self, fault: Fault, *, prompt: str | None = None, times: int | None = 1, path: str | None = None) -> None:
         """Answer the next `times` matching requests (all, if None) with `fault`."""
         with self._lock:
-            self._rules.append(_Rule(fault, prompt, times))
+            self._rules.append(_Rule(fault, prompt, times, path))
 
     def reset(self) -> None:
         """Drop pending faults and zero the counts."""
@@ -253,9 +254,9 @@ class FaultProxy:
         await self._runner.cleanup()
         await self._session.close()
 
-    def _take_fault(self, prompt: str | None) -> Fault | None:
+    def _take_fault(self, path: str, prompt: str | None) -> Fault | None:
         for rule in self._rules:
-            if rule.prompt in (None, prompt) and rule.remaining != 0:
+            if rule.prompt in (None, prompt) and rule.path in (None, path) and rule.remaining != 0:
                 if rule.remaining is not None:
                     rule.remaining -= 1
                 return rule.fault
@@ -267,7 +268,7 @@ class FaultProxy:
         with self._lock:
             self.received[key] += 1
             self.authorizations[request.headers.get("Authorization", "")] += 1
-            fault = self._take_fault(key[1])
+            fault = self._take_fault(*key)
             if fault is None:
                 self.forwarded[key] += 1
         if fault is not None:
@@ -284,3 +285,22 @@ class FaultProxy:
             payload = await upstream.read()
             content_type = upstream.headers.get("Content-Type", "application/json")
             return web.Response(status=upstream.status, body=payload, headers={"Content-Type": content_type})
+
+
+#: role: content lines, then the assistant's turn; enough for /v1/chat/completions
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def serve_tiny_lm(root: Path) -> ServedModel:
+    """A tiny random-weight llama (with a chat template, sampling on so `seed` matters),
+    written under `root` and served by `transformers serve` on the CPU."""
+    from synthfactory.tinymodels import write_tiny_causal_lm
+
+    model_dir = write_tiny_causal_lm(root / "tiny-llm")
+    (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    config_path = model_dir / "generation_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "do_sample": True}))
+    return start_transformers_serve(model_dir, device="cpu")
