@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/model_throughput.py
 	$(BIN)/python bench/operations.py
 	$(BIN)/python bench/loader_throughput.py
+	$(BIN)/python bench/served_throughput.py
 
 s3-start: $(STAMP)
 	$(BIN)/synthfactory s3 start
