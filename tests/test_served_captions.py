@@ -7,6 +7,7 @@ stops the run with its shards kept; a dead endpoint fails before anything is wri
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,45 @@ def test_the_synclr_recipe_takes_an_endpoint_in_its_backend_block(repo_root):
     recipe = load_recipe(repo_root / "recipes" / "synclr.yaml", overrides=[f"generator.params.captions.params.backend={block}"])
     captions = recipe.generator.params["captions"]["params"]
     assert OpenAIBackend.model_validate(captions["backend"]).base_url == "http://10.0.0.5:8000/v1"
+
+
+@pytest.mark.slow
+def test_a_shard_killed_mid_way_reruns_without_resending_what_was_answered(tmp_path, served, proxy):
+    """SIGKILL a shard worker while one request hangs; the rerun's requests that were
+    answered before the kill come from the response cache (counted at the server)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from synthfactory.recipe import load_recipe
+    from synthfactory.release.build import make_shard
+    from synthfactory.release.shard_cache import ShardCache
+    from synthfactory.shards import plan_shards
+
+    path = captions_recipe(tmp_path / "killed.yaml", endpoint(proxy, served, max_concurrency=1), samples=8)
+    shards, responses = tmp_path / "shards", tmp_path / "responses"
+    worker = ("import sys; from synthfactory.recipe import load_recipe; from synthfactory.release.build import make_shard; "
+              "from synthfactory.release.shard_cache import ShardCache; from synthfactory.shards import plan_shards; "
+              "from pathlib import Path; recipe = load_recipe(sys.argv[1]); "
+              "make_shard(recipe, plan_shards('killed', 8, 8)[0], ShardCache(Path(sys.argv[2]), Path(sys.argv[3])), 'k')")
+    child = subprocess.Popen([sys.executable, "-c", worker, str(path), str(shards), str(responses)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while sent(proxy) < 3:  # some answered ...
+            assert child.poll() is None and time.monotonic() < deadline, "the shard ended before it could be killed"
+            time.sleep(0.05)
+        proxy.inject(Fault.stall(600), path=COMPLETIONS, times=None)  # ... then the server hangs
+        while sum(proxy.received.values()) == sum(proxy.forwarded.values()):
+            assert time.monotonic() < deadline, "no request reached the hanging server"
+            time.sleep(0.05)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    answered = sent(proxy)
+    proxy.reset()
+
+    rerun = make_shard(load_recipe(path), plan_shards("killed", 8, 8)[0], ShardCache(shards, responses), "k")
+
+    assert answered >= 3 and answered + sent(proxy) == 8  # each of the 8 requests reached the server once
+    assert rerun.usage["cache_hits"] == answered and rerun.usage["requests"] == 8 - answered

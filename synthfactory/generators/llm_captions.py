@@ -227,8 +227,9 @@ def _seeded_sampler(seeds: Sequence[int], temperature: float, top_p: float) -> A
 class LLMCaptions(models.UsesModel, Generator):
     Params = LLMCaptionParams
     version = "2"  # 2: token counts in each sample's json
+    # the client cuts completions at stop strings; the cache returns what it kept
     code = ("synthfactory.models", "synthfactory.generators.inputs", "synthfactory.serving.params",
-            "synthfactory.serving.endpoint")  # the client cuts completions at stop strings
+            "synthfactory.serving.endpoint", "synthfactory.serving.cache", "synthfactory.usage")
     columns = {
         "concept": pa.string(),
         "concept_source": pa.string(),
