@@ -232,7 +232,7 @@ def _within_budget(job: ReleaseJob, results: list[ShardResult]) -> None:
     in the shard cache (shards in flight finish there too), so a rerun with a higher
     budget pays only for the rest."""
     budget = job.recipe.budget_usd
-    if budget is None:
+    if budget is None or len(results) == len(job.shard_keys):  # all made: nothing left to stop
         return
     spent = shards_cost(job.recipe.cost, results)["total"]
     if spent >= budget:
@@ -295,7 +295,7 @@ def release_flow(
     job = None
     try:
         job = _prepared_job(ReleaseRequest(
-            _confined(recipe_path), registry or settings.default_registry(), samples, seed, publish,
+            _confined(recipe_path, overrides), registry or settings.default_registry(), samples, seed, publish,
             tuple(overrides or ()), workers, dask_address, force,
         ))
         summary = _release(job)
@@ -309,9 +309,11 @@ def release_flow(
     return summary
 
 
-def _confined(recipe_path: str) -> str:
+def _confined(recipe_path: str, overrides: list[str] | None = None) -> str:
     """A deployment run (parameters from the UI or API, untrusted) reads recipes inside its
-    checkout only; a run started here by `synthfactory run` may name any file."""
+    checkout only, and may not edit a served model's endpoint: pointed elsewhere, the
+    worker would send the key it names (any variable in its environment) to that URL. A
+    run started here by `synthfactory run` may name any file and edit anything."""
     from prefect.runtime import deployment
 
     if deployment.id is None:
@@ -319,6 +321,10 @@ def _confined(recipe_path: str) -> str:
     checkout = Path.cwd().resolve()
     if Path(recipe_path).is_absolute() or not (checkout / recipe_path).resolve().is_relative_to(checkout):
         raise RecipeError(f"recipe_path {recipe_path!r}: a deployment run reads recipes inside its checkout only")
+    for override in overrides or ():
+        if "backend" in override.split("=", 1)[0].split("."):
+            raise RecipeError(f"override {override.split('=', 1)[0]!r}: a deployment run cannot change where a model "
+                              "is served (edit the recipe in the checkout instead)")
     return recipe_path
 
 
@@ -400,7 +406,11 @@ def _gate_failed(job: ReleaseJob, gate: GateResult) -> NoReturn:
     them from the run, and end it with the failed expectations."""
     from prefect.runtime import flow_run
 
-    kept = keep_failed_report(job.stage_dir, job.recipe.name, str(flow_run.id or "local"))
+    try:
+        kept = keep_failed_report(job.stage_dir, job.recipe.name, str(flow_run.id or "local"))
+    except OSError as exc:  # a full or read-only disk: link the stage's copy, which the next run reuses
+        get_run_logger().warning("could not keep the failed gate's report: %s", exc)
+        kept = job.stage_dir
     data_docs, report = browser_link(kept / "validation" / "index.html"), browser_link(kept / "report" / "index.html")
     create_markdown_artifact(gate_failure_markdown(job.recipe.name, gate, data_docs, report), key=_artifact_key(job),
                              description=f"{job.recipe.name}: gate failed, nothing published")

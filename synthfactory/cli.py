@@ -68,6 +68,7 @@ def _release(recipe: Path, registry: Path, debug: bool = False, **options: objec
     from synthfactory.recipe import RecipeError
     from synthfactory.registry import RegistryError, RegistryPathError
     from synthfactory.release.build import ShardFailedError
+    from synthfactory.release.cost import BudgetExceededError
     from synthfactory.release.gate import GateFailedError
     from synthfactory.storage import StorageError
 
@@ -85,7 +86,7 @@ def _release(recipe: Path, registry: Path, debug: bool = False, **options: objec
         if isinstance(exc, PermissionError):  # a registry or recipe this user may not write or read
             raise _fail(f"permission denied: {exc.filename or exc}: check the owner and mode of that path",
                         EXIT_BAD_INPUT) from None
-        if isinstance(exc, (StorageError, GateFailedError, ShardFailedError, RegistryError)):
+        if isinstance(exc, (StorageError, GateFailedError, ShardFailedError, RegistryError, BudgetExceededError)):
             raise _fail(str(exc)) from None
         # a crashed worker, a bug: its traceback is in the run's logs (and with --debug, here)
         raise _fail(f"release of {recipe} failed: {type(exc).__name__}: {exc}") from None

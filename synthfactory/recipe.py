@@ -58,6 +58,10 @@ class Faults(_Strict):
     shards: tuple[int, ...] | None = Field(None, description="shard indices to fail; default all")
 
 
+#: fields whose value may carry a credential (a URL with user:password@, a key pasted where
+#: its variable's name belongs): errors name them but never echo the value
+SECRET_BEARING_FIELDS = frozenset({"base_url", "api_key_env"})
+
 #: bounds shared with the release flow's parameters (the deployment form checks them)
 MAX_SAMPLES = 1_000_000_000
 MAX_SEED = 2**63 - 1
@@ -169,7 +173,8 @@ def _describe(error: dict[str, Any]) -> str:
         text = phrases[kind]()
     else:
         text = error["msg"].removeprefix("Value error, ")
-    if kind not in ("missing", "extra_forbidden") and not isinstance(value, dict):
+    secret_bearing = any(str(part) in SECRET_BEARING_FIELDS for part in error.get("loc", ()))
+    if kind not in ("missing", "extra_forbidden") and not isinstance(value, dict) and not secret_bearing:
         text += f", got {value!r}"
     return text
 

@@ -15,6 +15,7 @@ from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 
 class _ReportHandler(SimpleHTTPRequestHandler):
@@ -44,7 +45,7 @@ class _ReportHandler(SimpleHTTPRequestHandler):
         if not path.resolve().is_relative_to(root) or not path.is_file():
             self.send_error(HTTPStatus.NOT_FOUND, "no such report")
             return None
-        self.path = "/" + path.resolve().relative_to(root).as_posix()
+        self.path = "/" + quote(path.resolve().relative_to(root).as_posix())  # the parent unquotes it again
         return super().send_head()
 
     def list_directory(self, path):  # type: ignore[no-untyped-def]

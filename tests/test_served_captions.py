@@ -130,10 +130,32 @@ def test_a_budget_stops_the_run_naming_the_spend_and_keeps_finished_shards(tmp_p
     with pytest.raises(BudgetExceededError, match=r"budget_usd 1 reached: the 1 of 3 shards made so far cost \$\d+"):
         run_release(str(recipe), str(registry), publish=False)
 
-    assert sent(proxy) == 8  # the first shard only
     cache = registry / ".synthfactory" / "shards" / "budget"
-    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
+    kept = len([p for p in cache.iterdir() if not p.name.startswith(".")])
+    # the shard that crossed the budget, and the one a worker had already started, are kept
+    assert 1 <= kept < 3 and sent(proxy) == 8 * kept
     assert not (registry / "data" / "budget").exists()
+
+    # reached by the last shard, the budget has nothing left to stop: the release is made
+    one_shard = captions_recipe(tmp_path / "budget.yaml", endpoint(proxy, served, max_concurrency=1), samples=8,
+                                cost={"usd_per_million_input_tokens": 1e6}, budget_usd=1.0,
+                                execution={"runner": "thread", "workers": 1, "retries": 0})
+    made = run_release(str(one_shard), str(registry), publish=False)
+    run = json.loads((Path(made.release_dir) / "metrics.json").read_text())["run"]
+    assert made.samples + made.rejected == 8 and run["shards_reused"] == 1 and not run["usage_this_run"]
+    assert sent(proxy) == 8 * kept  # nothing asked again
+
+
+def test_a_bad_endpoint_block_is_refused_without_echoing_what_may_be_a_secret(tmp_path):
+    from synthfactory.recipe import RecipeError, load_recipe
+    from synthfactory.release.bundle import plugins_of
+
+    leaky = captions_recipe(tmp_path / "leaky.yaml", {"kind": "openai", "base_url": "http://admin:hunter2@10.0.0.7/v1",
+                                                       "model": "m", "api_key_env": "sk-live-hunter3"})
+    with pytest.raises(RecipeError) as refused:
+        plugins_of(load_recipe(leaky))
+    assert "base_url" in str(refused.value) and "api_key_env" in str(refused.value)
+    assert "hunter2" not in str(refused.value) and "hunter3" not in str(refused.value)
 
 
 def test_a_dead_endpoint_fails_before_anything_is_written(tmp_path):

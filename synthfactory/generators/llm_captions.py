@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import random
 import string
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -248,7 +249,14 @@ class LLMCaptions(models.UsesModel, Generator):
 
     def __init__(self, params: LLMCaptionParams) -> None:
         super().__init__(params)
-        self._usage: list[dict[str, float]] = []
+        # per thread: shards on a thread runner share this instance, each counts its own
+        self._counts = threading.local()
+
+    @property
+    def _usage(self) -> list[dict[str, float]]:
+        if not hasattr(self._counts, "usage"):
+            self._counts.usage = []
+        return self._counts.usage
 
     @property
     def served(self) -> OpenAIBackend | None:
@@ -279,7 +287,7 @@ class LLMCaptions(models.UsesModel, Generator):
             raise models.ModelError(f"caption endpoint: {exc}") from None
 
     def take_usage(self) -> dict[str, float]:
-        usage, self._usage = add_usage(self._usage), []
+        usage, self._counts.usage = add_usage(self._usage), []
         return usage
 
     @cached_property
@@ -359,8 +367,10 @@ class LLMCaptions(models.UsesModel, Generator):
                 else Answer(r.text, r.prompt_tokens, r.completion_tokens) for r in results]
 
     def generate(self, slots: Sequence[SampleSlot]) -> Iterator[Sample | Rejection]:
-        for start in range(0, len(slots), self.params.batch_size):
-            prompts = [self.prompt(slot) for slot in slots[start : start + self.params.batch_size]]
+        # served: the shard's requests in one batch, under one adaptive limit and connection pool
+        batch = max(1, len(slots)) if self.served else self.params.batch_size
+        for start in range(0, len(slots), batch):
+            prompts = [self.prompt(slot) for slot in slots[start : start + batch]]
             for prompt, answer in zip(prompts, self.complete(prompts), strict=True):
                 yield self._caption(prompt, answer)
 

@@ -365,6 +365,8 @@ class _Batch:
             )
         except (openai.APIError, _UnusableAnswer) as err:  # answered, but not with a completion
             result = _AttemptError("bad_response", _one_line(str(err), self.key))
+        except Exception as err:  # an answer of a shape we did not expect: this request fails, not the shard
+            result = _AttemptError("bad_response", _one_line(f"{type(err).__name__}: {err}", self.key))
         if isinstance(result, _AttemptError):
             self._count_error(result)
         outcome: Outcome = "success" if isinstance(result, Completion) else "overload" if result.overload else "other"
