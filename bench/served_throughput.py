@@ -26,12 +26,12 @@ import json
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
+from model_throughput import side_by_side  # bench/ is the script's directory: on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 SYNCLR_CAPTIONS = 150_000_000
@@ -80,21 +80,6 @@ def bare_run(base_url: str, model: str, prompts: list[tuple[str, int]], concurre
     return lambda: asyncio.run(send_all())
 
 
-def side_by_side(bare: Callable[[], int], factory: Callable[[], int], repeats: int) -> dict:
-    """Warm both up, then alternate them so drift hits both equally; median tokens/s."""
-    bare(), factory()
-    rates: dict[str, list[float]] = {"bare": [], "factory": []}
-    for _ in range(repeats):
-        for label, run in (("bare", bare), ("factory", factory)):
-            started = time.perf_counter()
-            tokens = run()
-            rates[label].append(tokens / (time.perf_counter() - started))
-    result = {label: round(statistics.median(values), 1) for label, values in rates.items()}
-    result["ratio"] = round(result["factory"] / result["bare"], 3)
-    result["all"] = {label: [round(v, 1) for v in values] for label, values in rates.items()}
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", help="an OpenAI-compatible API root (default: transformers serve, tiny model)")
@@ -123,8 +108,7 @@ def main() -> None:
         slots = [slot_for(recipe.seed, i) for i in range(recipe.samples)]
         prompts = [(generator.prompt(slot).text, slot.seed % 2**31) for slot in slots]
         bare = bare_run(base_url, model, prompts, args.concurrency, args.max_tokens, p.temperature, p.top_p)
-        result = side_by_side(bare, factory_run(recipe, Path(tmp)), args.repeats)
-        print(f"completion tokens/s: bare {result['bare']}  factory {result['factory']}  ratio {result['ratio']:.3f}")
+        result = side_by_side("tokens", bare, factory_run(recipe, Path(tmp)), args.repeats)
 
         # What a SynCLR-sized caption run costs at recipes/synclr.yaml's prices, with SynCLR's
         # prompts (3 in-context examples) measured here: tokens ≈ characters / 4 for a
