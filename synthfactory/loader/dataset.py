@@ -25,12 +25,15 @@ from synthfactory.loader.cache import DiskCache, Fetch
 from synthfactory.loader.errors import LoaderError
 from synthfactory.loader.sources import ShardRef, ShardSource
 from synthfactory.shards import ExpectedSample, ManifestIndex, ShardFormatError, verified_samples
+from synthfactory.video import decode_clip
 
 DECODE_MODES = ("torch", "pil", "raw")
 #: what each sample is checked against the release by: sha256 of every member, or sizes only
 VERIFY_MODES = ("sha256", "size")
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp"})
+#: members holding a clip's frames, and the clip format of each
+CLIP_MEMBERS = {"mp4": "mp4", "frames.npy": "npy"}
 #: the field built from the sample's JSON ``label``: the class index in the recipe's list
 LABEL_FIELD = "label"
 
@@ -64,6 +67,12 @@ def _decode_member(ext: str, data: bytes, mode: str) -> Any:
         if mode == "pil":
             return image
         return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())  # uint8, C×H×W
+    if ext in CLIP_MEMBERS:  # a clip's frames, as T×C×H×W uint8 (torch) or T×H×W×3 (pil: numpy)
+        frames = decode_clip(data, CLIP_MEMBERS[ext])
+        return torch.from_numpy(frames.transpose(0, 3, 1, 2).copy()) if mode == "torch" else frames
+    if ext.endswith(".npy"):  # actions, rewards, observations, ego state
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        return torch.from_numpy(array) if mode == "torch" else array
     if ext == "json":
         return json.loads(data)
     if ext == "txt":
