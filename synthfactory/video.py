@@ -19,6 +19,8 @@ import numpy as np
 
 #: how a clip's frames are stored: H.264 in MP4 (small, lossy), or a lossless uint8 array
 CLIP_FORMATS = ("mp4", "npy")
+#: the sample member that holds a clip's frames, and its format (one place for every reader)
+CLIP_MEMBERS = {"mp4": "mp4", "frames.npy": "npy"}
 #: x264 settings that fix the bitstream: one thread (no frame-thread races), a fixed
 #: preset, constant quality, and no clock-derived fields
 X264_OPTIONS = {"preset": "medium", "crf": "18", "threads": "1", "x264-params": "threads=1:sliced-threads=0"}

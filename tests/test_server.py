@@ -146,7 +146,7 @@ def test_server_deploys_every_recipe_with_its_schedule_and_editable_parameters(l
     with prefect_client(live_server) as client:
         assert client.read_work_pool("synthfactory").type == "process"
         schedules = {}
-        for name in ("shapes", "synclr", "instructions"):
+        for name in ("shapes", "synclr", "instructions", "driving", "worldmodel"):
             deployment = client.read_deployment_by_name(f"release/{name}")
             assert deployment.work_pool_name == "synthfactory"
             assert deployment.parameters["recipe_path"] == f"recipes/{name}.yaml"
@@ -162,6 +162,8 @@ def test_server_deploys_every_recipe_with_its_schedule_and_editable_parameters(l
         "shapes": [("0 2 * * *", "UTC", True)],
         "synclr": [("0 3 * * 0", "UTC", False)],
         "instructions": [("0 5 * * 0", "UTC", False)],
+        "driving": [("0 4 * * 0", "UTC", False)],
+        "worldmodel": [("0 6 * * 0", "UTC", False)],
     }
 
 

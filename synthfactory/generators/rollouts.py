@@ -39,13 +39,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from synthfactory import models
 from synthfactory.generators.base import GENERATORS, Generator, GeneratorParams
 from synthfactory.samples import Rejection, Sample, SampleSlot, derive_seed
-from synthfactory.video import CLIP_FORMATS, encode_clip
+from synthfactory.video import CLIP_FORMATS, CLIP_MEMBERS, encode_clip
 
 #: simulator packages imported so their environments register (operators add more)
 SIMULATOR_PACKAGES = ("highway_env",)
 GYM_PACKAGES_VAR = "SYNTHFACTORY_GYM_PACKAGES"
 #: the member a clip's frames are stored in, per clip format
-FRAMES_MEMBER = {"mp4": "mp4", "npy": "frames.npy"}
+FRAMES_MEMBER = {clip_format: member for member, clip_format in CLIP_MEMBERS.items()}
 
 
 class _PolicyParams(BaseModel):
@@ -263,7 +263,6 @@ class RolloutGenerator(Generator):
         rewards = np.asarray(episode.rewards[start:stop], dtype=np.float32)
         crashed = any(episode.crashed[start:stop])
         height, width = frames.shape[1:3]
-        end = episode.end if episode.end and stop == episode.steps else ""
         columns = {
             "env": p.env,
             "env_version": _env_version(self.env()),
@@ -281,7 +280,7 @@ class RolloutGenerator(Generator):
             "actions": actions.reshape(-1).tolist(),
             "clip_return": float(rewards.sum()),
             "crashed": crashed,
-            "episode_end": end,
+            "episode_end": episode.end or "",  # how the whole episode ended, on each of its clips
         }
         caption = (f"{p.env} rollout, {self.policy_name} policy, episode {slot.key} steps {start}-{stop - 1}"
                    + (", ends in a crash" if crashed else ""))

@@ -25,15 +25,13 @@ from synthfactory.loader.cache import DiskCache, Fetch
 from synthfactory.loader.errors import LoaderError
 from synthfactory.loader.sources import ShardRef, ShardSource
 from synthfactory.shards import ExpectedSample, ManifestIndex, ShardFormatError, verified_samples
-from synthfactory.video import decode_clip
+from synthfactory.video import CLIP_MEMBERS, decode_clip
 
 DECODE_MODES = ("torch", "pil", "raw")
 #: what each sample is checked against the release by: sha256 of every member, or sizes only
 VERIFY_MODES = ("sha256", "size")
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp"})
-#: members holding a clip's frames, and the clip format of each
-CLIP_MEMBERS = {"mp4": "mp4", "frames.npy": "npy"}
 #: the field built from the sample's JSON ``label``: the class index in the recipe's list
 LABEL_FIELD = "label"
 

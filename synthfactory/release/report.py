@@ -1,10 +1,11 @@
 """The human-readable release report: report/index.html, one self-contained page.
 
 It shows what a reviewer needs to judge a synthetic release at a glance: a grid of
-samples with their captions, label / concept / score histograms, every quality figure
-next to the previous release's and the gate's limit, rejections by check and reason
-(PII by pattern), and the Great Expectations verdict. Plots are matplotlib PNGs inlined
-as base64, so the page opens anywhere, including from a `dvc pull`.
+samples with their captions (a clip as a filmstrip of its frames), label / concept /
+score histograms, every quality figure next to the previous release's and the gate's
+limit, rejections by check and reason (PII by pattern), and the Great Expectations
+verdict. Plots are matplotlib PNGs inlined as base64, so the page opens anywhere,
+including from a `dvc pull`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from synthfactory.files import atomic_write
 from synthfactory.release.cost import describe_usage
 from synthfactory.release.summary import Limit, Quality, RunStats, RunSummary
 from synthfactory.shards import SHARDS_DIR, read_shard
+from synthfactory.video import CLIP_MEMBERS, ClipFormatError, decode_clip
 
 GRID_SAMPLES = 16
 IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
+FILMSTRIP_FRAMES = 8
+FILMSTRIP_SIZE = (1024, 96)  # the strip is scaled to fit: a page of 16 clips stays small
 
 
 def _pyplot() -> Any:
@@ -62,8 +66,25 @@ def _histogram(title: str, values: list[float]) -> str:
     return _png(figure)
 
 
+def _filmstrip(data: bytes, clip_format: str) -> bytes | None:
+    """Up to 8 evenly spaced frames of a clip side by side, as one PNG (None if unreadable)."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        frames = decode_clip(data, clip_format)
+    except ClipFormatError:
+        return None
+    picked = np.unique(np.linspace(0, len(frames) - 1, min(FILMSTRIP_FRAMES, len(frames))).round().astype(int))
+    strip = Image.fromarray(np.concatenate(list(frames[picked]), axis=1))
+    strip.thumbnail(FILMSTRIP_SIZE)
+    buffer = io.BytesIO()
+    strip.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _grid(stage_dir: Path, manifest: pa.Table) -> str:
-    """The first samples of the first shard, image (if any) and caption."""
+    """The first samples of the first shard, image or clip filmstrip (if any) and caption."""
     shards = sorted((stage_dir / SHARDS_DIR).glob("*.tar"))
     captions = dict(zip(manifest.column("key").to_pylist(), manifest.column("caption").to_pylist()))
     cells = []
@@ -71,16 +92,22 @@ def _grid(stage_dir: Path, manifest: pa.Table) -> str:
         if len(cells) == GRID_SAMPLES:
             break
         image = next((ext for ext in IMAGE_TYPES if ext in files), None)
+        clip = next((member for member in CLIP_MEMBERS if member in files), None)
+        strip = _filmstrip(files[clip], CLIP_MEMBERS[clip]) if clip and not image else None
         picture = (
-            f'<img src="data:{IMAGE_TYPES[image]};base64,{base64.b64encode(files[image]).decode()}">' if image else ""
+            f'<img src="data:{IMAGE_TYPES[image]};base64,{base64.b64encode(files[image]).decode()}">' if image
+            else f'<img alt="filmstrip" src="data:image/png;base64,{base64.b64encode(strip).decode()}">' if strip
+            else ""
         )
-        cells.append(f'<figure>{picture}<figcaption><code>{key}</code> {html.escape(captions.get(key, ""))}</figcaption></figure>')
+        caption = f'<figcaption><code>{key}</code> {html.escape(captions.get(key, ""))}</figcaption>'
+        cells.append(f'<figure{" class=clip" if strip else ""}>{picture}{caption}</figure>')
     return f'<div class="grid">{"".join(cells)}</div>'
 
 
 def _reason_kind(reason: str) -> str:
-    """'near-duplicate image of 0000000012 (pHash Hamming 3)' -> 'near-duplicate image'."""
-    return re.split(r" of | \(|\d", reason, maxsplit=1)[0].strip() or reason
+    """'near-duplicate image of 0000000012 (pHash Hamming 3)' -> 'near-duplicate image',
+    'frozen clip: 7 of 7 frame pairs unchanged' -> 'frozen clip'."""
+    return re.split(r" of | \(|\d", reason, maxsplit=1)[0].strip().rstrip(":") or reason
 
 
 def _rejections(rejected: pa.Table) -> str:
@@ -154,7 +181,8 @@ def render_report(
     sections.append(f'<h2>Validation gate</h2><ul>{verdict}</ul><p><a href="../validation/index.html">Great Expectations report</a></p>')
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 8px}.fail{background:#fdd}.grid{display:flex;flex-wrap:wrap}"
-             "figure{width:160px;margin:4px;font-size:11px}figure img{width:156px}")
+             "figure{width:160px;margin:4px;font-size:11px}figure img{width:156px}"
+             "figure.clip{width:100%}figure.clip img{width:auto;max-width:100%}")
     page = f"<!doctype html><meta charset=utf-8><title>{html.escape(dataset)}</title><style>{style}</style>{''.join(sections)}"
     target = stage_dir / "report" / "index.html"
     target.parent.mkdir(parents=True, exist_ok=True)
