@@ -22,8 +22,10 @@ CLIP_FORMATS = ("mp4", "npy")
 #: the sample member that holds a clip's frames, and its format (one place for every reader)
 CLIP_MEMBERS = {"mp4": "mp4", "frames.npy": "npy"}
 #: x264 settings that fix the bitstream: one thread (no frame-thread races), a fixed
-#: preset, constant quality, and no clock-derived fields
-X264_OPTIONS = {"preset": "medium", "crf": "18", "threads": "1", "x264-params": "threads=1:sliced-threads=0"}
+#: preset and constant quality, and no macroblock-tree rate control, whose output was
+#: seen to depend on what the process had encoded before (same frames, different bytes)
+X264_OPTIONS = {"preset": "medium", "crf": "18", "threads": "1",
+                "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:no-mbtree=1"}
 
 
 class ClipFormatError(ValueError):
@@ -50,8 +52,10 @@ def encode_clip(frames: np.ndarray, fps: int, clip_format: str = "mp4") -> bytes
         stream = container.add_stream("libx264", rate=Fraction(fps), options=X264_OPTIONS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        for index, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+            picture.pts = index
+            for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
