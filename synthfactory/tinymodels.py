@@ -245,11 +245,95 @@ def write_tiny_stable_diffusion(
     return path
 
 
+def write_tiny_stable_video_diffusion(
+    path: str | Path,
+    *,
+    sample_size: int = 8,
+    block_out_channels: tuple[int, ...] = (32, 32, 32),
+    cross_attention_dim: int = 32,
+    num_frames: int = 4,
+) -> Path:
+    """Write a tiny StableVideoDiffusionPipeline (image-to-video, Euler scheduler) to ``path``.
+
+    The VAE halves each side per block after the first, so with the defaults latents are a
+    quarter of the frame's side and the default height/width is 32x32 pixels; explicit
+    height/width must be multiples of 8 (the pipeline's check). Every block has 32 channels,
+    the least the SVD blocks' 32-group norms allow; three of them keep the UNet's costly
+    full-latent level small (a 4-frame 32x32 continuation in 2 steps is about 0.1 s of one
+    CPU core). ``num_frames`` is only the default frame count: the temporal layers take any.
+    The CLIP image encoder sees 224x224 images, as the pipeline resizes the conditioning
+    frame to that before encoding it.
+    """
+    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
+                           UNetSpatioTemporalConditionModel)
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    path = Path(path)
+    blocks = len(block_out_channels)
+    time_embed_dim = 8  # per added time id (fps, motion bucket, noise augmentation): 3 of them
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=sample_size,
+        in_channels=8,  # noisy latents + the conditioning frame's latents
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal",) + ("DownBlockSpatioTemporal",) * (blocks - 1),
+        up_block_types=("UpBlockSpatioTemporal",) * (blocks - 1) + ("CrossAttnUpBlockSpatioTemporal",),
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        num_attention_heads=4,
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=3 * time_embed_dim,
+        num_frames=num_frames,
+    )
+    vae = AutoencoderKLTemporalDecoder(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=sample_size * 2 ** (blocks - 1),
+    )
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        image_size=224,
+        patch_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=cross_attention_dim,
+    ))
+    scheduler = EulerDiscreteScheduler(  # the real SVD scheduler's settings
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        interpolation_type="linear",
+        prediction_type="v_prediction",
+        sigma_max=700.0,
+        sigma_min=0.002,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
+    feature_extractor = CLIPImageProcessorPil(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    )
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler, feature_extractor=feature_extractor
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def write_all(root: str | Path) -> dict[str, Path]:
-    """Write the tiny llama LM, CLIP and Stable Diffusion under ``root``/llm, /clip and /sd."""
+    """Write the tiny llama LM, CLIP, Stable Diffusion and Stable Video Diffusion under
+    ``root``/llm, /clip, /sd and /svd."""
     root = Path(root)
     return {
         "llm": write_tiny_causal_lm(root / "llm"),
         "clip": write_tiny_clip(root / "clip"),
         "sd": write_tiny_stable_diffusion(root / "sd"),
+        "svd": write_tiny_stable_video_diffusion(root / "svd"),
     }

@@ -19,17 +19,29 @@ import numpy as np
 
 #: how a clip's frames are stored: H.264 in MP4 (small, lossy), or a lossless uint8 array
 CLIP_FORMATS = ("mp4", "npy")
-#: the sample member that holds a clip's frames, and its format (one place for every reader)
-CLIP_MEMBERS = {"mp4": "mp4", "frames.npy": "npy"}
+#: the member a clip's frames are stored in, per format; a sample may hold more clips as
+#: ``<name>.mp4`` / ``<name>.frames.npy`` (a world model's context beside its output)
+CLIP_MEMBER = {"mp4": "mp4", "npy": "frames.npy"}
 #: x264 settings that fix the bitstream: one thread (no frame-thread races), a fixed
-#: preset and constant quality, and no macroblock-tree rate control, whose output was
-#: seen to depend on what the process had encoded before (same frames, different bytes)
+#: preset and quality, and no macroblock-tree rate control, whose output was seen to
+#: depend on what the process had encoded before (same frames, different bytes). The
+#: quantiser does not vary between frames (qcomp=1), so a frame that does not change
+#: decodes unchanged and a frozen clip stays measurably frozen.
 X264_OPTIONS = {"preset": "medium", "crf": "18", "threads": "1",
-                "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:no-mbtree=1"}
+                "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:no-mbtree=1:qcomp=1.0"}
 
 
 class ClipFormatError(ValueError):
     """Bytes that are not a clip this module wrote (or frames it cannot write)."""
+
+
+def clip_format_of(member: str) -> str | None:
+    """The clip format a sample member holds (``mp4``, ``context.mp4``: mp4;
+    ``frames.npy``, ``context.frames.npy``: npy), or None for any other member."""
+    for clip_format, suffix in CLIP_MEMBER.items():
+        if member == suffix or member.endswith("." + suffix):
+            return clip_format
+    return None
 
 
 def encode_clip(frames: np.ndarray, fps: int, clip_format: str = "mp4") -> bytes:

@@ -84,7 +84,7 @@ def test_frozen_and_flickering_clips_are_refused_moving_ones_kept(clip_format):
         assert verdict.columns["motion"] > 0.003 and verdict.columns["frozen_fraction"] == 0
         assert verdict.columns["flicker"] < 0.005
     assert verdicts[3].reason == "frozen clip: 7 of 7 frame pairs unchanged"
-    assert verdicts[3].columns["motion"] == 0 and verdicts[3].columns["frozen_fraction"] == 1
+    assert verdicts[3].columns["motion"] < 0.001 and verdicts[3].columns["frozen_fraction"] == 1
     assert verdicts[4].reason.startswith("flickering clip: ")
     assert [_reason_kind(v.reason) for v in verdicts[3:]] == ["frozen clip", "flickering clip"]  # report rows
     assert verdicts[4].columns["flicker"] > 0.1

@@ -35,7 +35,7 @@ from synthfactory.checks.base import (
 )
 from synthfactory.quality import near_duplicates as nd
 from synthfactory.samples import Sample
-from synthfactory.video import CLIP_MEMBERS, ClipFormatError, decode_clip
+from synthfactory.video import ClipFormatError, clip_format_of, decode_clip
 
 #: what this module imports besides its own code (both checks declare all of it)
 CODE = ("synthfactory.video", "synthfactory.quality.near_duplicates")
@@ -43,7 +43,7 @@ CODE = ("synthfactory.video", "synthfactory.quality.near_duplicates")
 
 def _frames(sample: Sample) -> np.ndarray | None:
     """The sample's decoded clip, or None when its payload is not a clip."""
-    fmt = CLIP_MEMBERS.get(sample.payload)
+    fmt = clip_format_of(sample.payload)
     return None if fmt is None else decode_clip(sample.files[sample.payload], fmt)
 
 

@@ -39,13 +39,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from synthfactory import models
 from synthfactory.generators.base import GENERATORS, Generator, GeneratorParams
 from synthfactory.samples import Rejection, Sample, SampleSlot, derive_seed
-from synthfactory.video import CLIP_FORMATS, CLIP_MEMBERS, encode_clip
+from synthfactory.video import CLIP_FORMATS, CLIP_MEMBER, encode_clip
 
 #: simulator packages imported so their environments register (operators add more)
 SIMULATOR_PACKAGES = ("highway_env",)
 GYM_PACKAGES_VAR = "SYNTHFACTORY_GYM_PACKAGES"
-#: the member a clip's frames are stored in, per clip format
-FRAMES_MEMBER = {clip_format: member for member, clip_format in CLIP_MEMBERS.items()}
 
 
 class _PolicyParams(BaseModel):
@@ -285,7 +283,7 @@ class RolloutGenerator(Generator):
         caption = (f"{p.env} rollout, {self.policy_name} policy, episode {slot.key} steps {start}-{stop - 1}"
                    + (", ends in a crash" if crashed else ""))
         files = {
-            FRAMES_MEMBER[p.clip_format]: encode_clip(frames, self.fps, p.clip_format),
+            CLIP_MEMBER[p.clip_format]: encode_clip(frames, self.fps, p.clip_format),
             "actions.npy": _npy(actions),
             "rewards.npy": _npy(rewards),
             "obs.npy": _npy(np.stack(episode.observations[start:stop])),
@@ -294,7 +292,7 @@ class RolloutGenerator(Generator):
         }
         if episode.ego:
             files["ego.npy"] = _npy(np.asarray(episode.ego[start:stop], dtype=np.float32))
-        return Sample(clip_slot, caption, files, payload=FRAMES_MEMBER[p.clip_format], columns=columns, group=slot.key)
+        return Sample(clip_slot, caption, files, payload=CLIP_MEMBER[p.clip_format], columns=columns, group=slot.key)
 
     def _first_frame(self, env: Any) -> np.ndarray:
         env.reset(seed=0)

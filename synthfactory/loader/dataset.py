@@ -25,7 +25,7 @@ from synthfactory.loader.cache import DiskCache, Fetch
 from synthfactory.loader.errors import LoaderError
 from synthfactory.loader.sources import ShardRef, ShardSource
 from synthfactory.shards import ExpectedSample, ManifestIndex, ShardFormatError, verified_samples
-from synthfactory.video import CLIP_MEMBERS, decode_clip
+from synthfactory.video import clip_format_of, decode_clip
 
 DECODE_MODES = ("torch", "pil", "raw")
 #: what each sample is checked against the release by: sha256 of every member, or sizes only
@@ -65,8 +65,8 @@ def _decode_member(ext: str, data: bytes, mode: str) -> Any:
         if mode == "pil":
             return image
         return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())  # uint8, C×H×W
-    if ext in CLIP_MEMBERS:  # a clip's frames, as T×C×H×W uint8 (torch) or T×H×W×3 (pil: numpy)
-        frames = decode_clip(data, CLIP_MEMBERS[ext])
+    if clip_format := clip_format_of(ext):  # a clip's frames: T×C×H×W uint8 (torch), T×H×W×3 (pil: numpy)
+        frames = decode_clip(data, clip_format)
         return torch.from_numpy(frames.transpose(0, 3, 1, 2).copy()) if mode == "torch" else frames
     if ext.endswith(".npy"):  # actions, rewards, observations, ego state
         array = np.load(io.BytesIO(data), allow_pickle=False)

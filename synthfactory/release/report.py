@@ -24,7 +24,7 @@ from synthfactory.files import atomic_write
 from synthfactory.release.cost import describe_usage
 from synthfactory.release.summary import Limit, Quality, RunStats, RunSummary
 from synthfactory.shards import SHARDS_DIR, read_shard
-from synthfactory.video import CLIP_MEMBERS, ClipFormatError, decode_clip
+from synthfactory.video import CLIP_MEMBER, ClipFormatError, clip_format_of, decode_clip
 
 GRID_SAMPLES = 16
 IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -92,8 +92,8 @@ def _grid(stage_dir: Path, manifest: pa.Table) -> str:
         if len(cells) == GRID_SAMPLES:
             break
         image = next((ext for ext in IMAGE_TYPES if ext in files), None)
-        clip = next((member for member in CLIP_MEMBERS if member in files), None)
-        strip = _filmstrip(files[clip], CLIP_MEMBERS[clip]) if clip and not image else None
+        clip = next((member for member in CLIP_MEMBER.values() if member in files), None)  # the sample's own clip
+        strip = _filmstrip(files[clip], clip_format_of(clip)) if clip and not image else None
         picture = (
             f'<img src="data:{IMAGE_TYPES[image]};base64,{base64.b64encode(files[image]).decode()}">' if image
             else f'<img alt="filmstrip" src="data:image/png;base64,{base64.b64encode(strip).decode()}">' if strip
