@@ -277,10 +277,11 @@ def regenerate(
 
 @app.command("tiny-models")
 def tiny_models(
-    target: Annotated[Path, typer.Argument(help="directory to write llm/, clip/ and sd/ into")],
+    target: Annotated[Path, typer.Argument(help="directory to write llm/, clip/, sd/ and svd/ into")],
 ) -> None:
-    """Write tiny random-weight LLM, CLIP and Stable Diffusion models (no download), to try
-    the model recipes offline on CPU; prints the --set flags that point recipes/synclr.yaml at them."""
+    """Write tiny random-weight LLM, CLIP, Stable Diffusion and Stable Video Diffusion models
+    (no download), to try the model recipes offline on CPU; prints the --set flags that point
+    recipes/synclr.yaml and recipes/worldmodel.yaml at them."""
     from synthfactory.tinymodels import write_all
 
     paths = write_all(target)
@@ -293,6 +294,15 @@ def tiny_models(
         "--set validation.caption_length.min=1 --set validation.min_accept_rate=0.1",
     ]
     out.print("  synthfactory run recipes/synclr.yaml --samples 16 --no-publish \\\n    " + " \\\n    ".join(flags),
+              highlight=False, soft_wrap=True)
+    world = [
+        f"--set generator.params.model={paths['svd'].resolve()}",
+        "--set generator.params.num_frames=4 --set generator.params.steps=2",
+        "--set 'generator.params.clips.params.env_kwargs.config={screen_width: 128, screen_height: 64}'",
+        "--set checks.0.params.max_flicker=null --set checks.0.params.max_frozen_fraction=1.0",
+        "--set validation.min_accept_rate=0.3",
+    ]
+    out.print("  synthfactory run recipes/worldmodel.yaml --samples 8 --no-publish \\\n    " + " \\\n    ".join(world),
               highlight=False, soft_wrap=True)
 
 
