@@ -108,30 +108,29 @@ def test_bad_simulator_inputs_fail_before_any_shard(params: dict, message: str) 
 
 
 @pytest.mark.slow
-def test_driving_release_reads_through_loader_webdataset_and_hf_datasets(tmp_path: Path) -> None:
-    """The driving recipe through the real flow (--no-publish), then read three ways."""
+def test_driving_release_publishes_and_reads_through_loader_webdataset_and_hf_datasets(tmp_path, storage_env, prefect):
+    """recipes/driving.yaml through the real flow and DVC publish, then read three ways."""
     import datasets
+    import pyarrow.parquet as pq
     import webdataset as wds
 
+    from flows.release import run_release
     from synthfactory.loader import load
 
     registry = tmp_path / "registry"
-    run = subprocess.run(
-        [sys.executable, "-m", "synthfactory.cli", "run", str(ROOT / "recipes/driving.yaml"), "--registry", str(registry),
-         "--no-publish", "--samples", "6", "--set", "shard_size=3", "--set", "validation.min_accept_rate=0.1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = run_release(str(ROOT / "recipes/driving.yaml"), str(registry), samples=6,
+                          overrides=["shard_size=3", "validation.min_accept_rate=0.1"])
+    assert summary.tag == "driving@v1"
     release = registry / "data" / "driving"
-    import pyarrow.parquet as pq
-
     manifest = pq.read_table(release / "manifest.parquet")
-    for column in ("env", "policy", "episode", "step_start", "frames", "fps", "width", "height", "actions", "crashed"):
+    for column in ("env", "policy", "episode", "step_start", "frames", "fps", "width", "height", "actions", "crashed",
+                   "motion", "frame_hashes"):
         assert column in manifest.column_names
     rows = manifest.num_rows
-    assert rows >= 1
+    assert rows >= 1 and summary.samples == rows and summary.rejected == 12 - rows
 
-    clips_read = list(load("driving", registry=release, fields=["mp4", "actions.npy", "json"], shuffle=False, cache_bytes=0))
+    clips_read = list(load("driving", version=1, registry=registry, fields=["mp4", "actions.npy", "json"],
+                           shuffle=False, cache_dir=tmp_path / "cache"))  # streamed out of S3
     assert len(clips_read) == rows
     for clip in clips_read:
         assert clip["mp4"].dtype == torch.uint8 and tuple(clip["mp4"].shape) == (8, 3, 64, 128)  # T×C×H×W
@@ -140,7 +139,7 @@ def test_driving_release_reads_through_loader_webdataset_and_hf_datasets(tmp_pat
 
     urls = sorted(glob.glob(str(release / "shards" / "*.tar")))
     via_wds = list(wds.WebDataset(urls, shardshuffle=False).decode())
-    assert [s["__key__"] for s in via_wds] == [c["__key__"] for c in clips_read]
+    assert sorted(s["__key__"] for s in via_wds) == sorted(c["__key__"] for c in clips_read)
     assert via_wds[0]["actions.npy"].shape == (8, 1) and decode_clip(via_wds[0]["mp4"]).shape == (8, 64, 128, 3)
 
     hf = datasets.load_dataset("webdataset", data_files={"train": urls}, split="train", cache_dir=str(tmp_path / "hf"))
