@@ -76,10 +76,7 @@ def datasets(args: argparse.Namespace) -> tuple[ShardDataset, ShardDataset]:
         dataset = load(args.dataset, registry=args.registry, live=True, **options)
     else:
         dataset = load(args.dataset, args.version, args.registry, **options)
-    if len(dataset.shard_names) <= args.holdout:
-        raise SystemExit(f"--holdout {args.holdout}: {dataset} has only {len(dataset.shard_names)} shards")
-    names = sorted(dataset.shard_names)
-    return dataset.select(names[: -args.holdout]), dataset.select(names[-args.holdout :])
+    return dataset.split(args.holdout)
 
 
 def main() -> None:

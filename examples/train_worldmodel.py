@@ -151,17 +151,13 @@ def held_out_mse(model: nn.Module, loader: DataLoader, scale: int, seed: int) ->
 
 
 def datasets(args: argparse.Namespace) -> tuple[ShardDataset, ShardDataset]:
-    """(training shards, held-out shards) of the release or the live run: train_shapes.py's
-    rule (the last `--holdout` shards by name), with this script's fields."""
+    """(training shards, held-out shards) of the release or the live run."""
     options = {"fields": FIELDS, "cache_dir": args.cache_dir, "seed": args.seed, "shuffle_buffer": args.shuffle_buffer}
     if args.live:
         dataset = load(args.dataset, registry=args.registry, live=True, **options)
     else:
         dataset = load(args.dataset, args.version, args.registry, **options)
-    if len(dataset.shard_names) <= args.holdout:
-        raise SystemExit(f"--holdout {args.holdout}: {dataset} has only {len(dataset.shard_names)} shards")
-    names = sorted(dataset.shard_names)
-    return dataset.select(names[: -args.holdout]), dataset.select(names[-args.holdout :])
+    return dataset.split(args.holdout)
 
 
 def main() -> None:

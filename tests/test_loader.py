@@ -486,6 +486,11 @@ def test_bad_input_is_named(published: Published, tmp_path: Path, monkeypatch) -
         next(iter(dataset))
     with pytest.raises(LoaderError, match=r"unknown shard 'loadme-000099.tar'"):
         dataset.select(["loadme-000099.tar"])
+    train, held_out = dataset.split(1)
+    assert held_out.shard_names == sorted(dataset.shard_names)[-1:]
+    assert sorted(train.shard_names + held_out.shard_names) == sorted(dataset.shard_names)
+    with pytest.raises(LoaderError, match=rf"holdout={len(dataset.shard_names)}: .* hold out 1 to"):
+        dataset.split(len(dataset.shard_names))
 
     for name in ("SYNTHFACTORY_S3_ENDPOINT", "SYNTHFACTORY_S3_BUCKET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)

@@ -136,6 +136,15 @@ class ShardDataset(IterableDataset):
         selected._epoch = multiprocessing.Value("q", self.epoch, lock=False)
         return selected
 
+    def split(self, holdout: int) -> tuple[ShardDataset, ShardDataset]:
+        """(the rest, the last `holdout` shards by name): a held-out set that is the same
+        whatever the epoch, worker or rank, and for a live run once its shards exist."""
+        if not 0 < holdout < len(self.shard_names):
+            raise LoaderError(f"holdout={holdout}: {self!r} has {len(self.shard_names)} shards; "
+                              f"hold out 1 to {len(self.shard_names) - 1}")
+        names = sorted(self.shard_names)
+        return self.select(names[:-holdout]), self.select(names[-holdout:])
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
