@@ -100,11 +100,34 @@ def test_constant_and_torch_policies(tmp_path: Path) -> None:
         ({"policy": {"kind": "constant", "action": 9}}, r"policy.action 9 is not in env highway-fast-v0's action space"),
         ({"env_kwargs": {"config": {"screen_width": 63, "screen_height": 32}}}, r"renders 63×32 frames; mp4 clips need even sizes"),
         ({"policy": {"kind": "torch", "model": "/nonexistent/policy"}}, r"policy model '/nonexistent/policy': no such directory"),
+        ({"env_kwargs": {"config": "not a dict"}}, r"env highway-fast-v0 with env_kwargs .*: ValueError"),
+        ({"env_kwargs": {"config": {"screen_width": 2048, "screen_height": 2048}}, "clip_frames": 200},
+         r"renders 2048×2048 frames: an episode's 2 clips of 200 would hold 4800 MiB; at most 2048 MiB"),
     ],
 )
 def test_bad_simulator_inputs_fail_before_any_shard(params: dict, message: str) -> None:
     with pytest.raises(ModelError, match=message):  # ModelError: the CLI exits 2 with this line
         RolloutGenerator.from_params({**SMALL, **params}).preflight()
+
+
+def test_a_recipe_cannot_make_a_worker_import_code() -> None:
+    """highway-env imports the class its config names (`other_vehicles_type`)."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"env_kwargs: 'this.s' looks like a Python path"):
+        RolloutGenerator.Params.model_validate({**SMALL, "env_kwargs": {"config": {"other_vehicles_type": "this.s"}}})
+    allowed = {"config": {**SMALL["env_kwargs"]["config"], "other_vehicles_type": "highway_env.vehicle.behavior.IDMVehicle"}}
+    RolloutGenerator.from_params({**SMALL, "env_kwargs": allowed}).preflight()
+
+
+def test_shards_in_threads_of_one_worker_do_not_share_a_simulator() -> None:
+    """The thread runner runs two shards in one process at once: each needs its own env."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = digests(clips(SMALL, range(6)))
+    with ThreadPoolExecutor(2) as pool:
+        halves = list(pool.map(lambda part: digests(clips(SMALL, part)), [range(0, 3), range(3, 6)]))
+    assert halves[0] + halves[1] == alone
 
 
 @pytest.mark.slow

@@ -27,6 +27,8 @@ import importlib.metadata
 import io
 import json
 import os
+import re
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -43,6 +45,10 @@ from synthfactory.video import CLIP_FORMATS, CLIP_MEMBER, encode_clip
 
 #: simulator packages imported so their environments register (operators add more)
 SIMULATOR_PACKAGES = ("highway_env",)
+#: a string in env_kwargs shaped like a Python path (highway-env imports `other_vehicles_type`)
+DOTTED_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+#: the frames one episode may hold in memory (its clips' windows only)
+MAX_EPISODE_FRAME_BYTES = 2 << 30
 GYM_PACKAGES_VAR = "SYNTHFACTORY_GYM_PACKAGES"
 
 
@@ -65,8 +71,9 @@ class ConstantPolicy(_PolicyParams):
 
 
 class TorchPolicy(_PolicyParams):
-    """A torch MLP policy: a directory with ``config.json`` (``{"hidden": [64, 64]}``) and
-    ``policy.pt`` (its state dict, loaded weights-only); greedy, so deterministic."""
+    """A torch MLP policy (`mlp_policy`): a directory with ``config.json`` (its description,
+    e.g. ``{"hidden": [64, 64]}``) and ``policy.pt`` (its state dict, loaded weights-only;
+    the layer sizes are read from it); greedy, so deterministic."""
 
     kind: Literal["torch"]
     model: str = Field(description="local directory holding config.json and policy.pt")
@@ -92,10 +99,26 @@ class RolloutParams(GeneratorParams):
             raise ValueError(f"an episode would need {self.steps_needed()} steps; at most 100000")
         if len(json.dumps(self.env_kwargs, default=str)) > 10_000:
             raise ValueError("env_kwargs: at most 10000 characters")
+        for value in _strings(self.env_kwargs):  # a recipe may not make a worker import code
+            if DOTTED_PATH.match(value) and not value.startswith(tuple(f"{p}." for p in SIMULATOR_PACKAGES)):
+                raise ValueError(f"env_kwargs: {value!r} looks like a Python path; only classes of "
+                                 f"{', '.join(SIMULATOR_PACKAGES)} may be named")
         return self
 
     def steps_needed(self) -> int:
         return (self.clips_per_episode - 1) * (self.stride or self.clip_frames) + self.clip_frames
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
 
 
 class RolloutError(models.ModelError):
@@ -109,8 +132,9 @@ def _import_simulators() -> None:
 
 
 @models.load_once
-def _make_env(env_id: str, kwargs_json: str) -> Any:
-    """One environment per worker and recipe, reset with each episode's seed."""
+def _make_env(env_id: str, kwargs_json: str, thread: int) -> Any:
+    """One environment per worker thread and recipe, reset with each episode's seed (two
+    shards in threads of one process must not step the same simulator)."""
     os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")  # headless pygame rendering
     import gymnasium as gym
 
@@ -121,8 +145,8 @@ def _make_env(env_id: str, kwargs_json: str) -> Any:
                            + (f"; did you mean {', '.join(close)}?" if close else ""))
     try:
         return gym.make(env_id, render_mode="rgb_array", **json.loads(kwargs_json))
-    except TypeError as exc:
-        raise RolloutError(f"env_kwargs for {env_id}: {exc}") from None
+    except Exception as exc:  # a missing dependency, a bad config value: the recipe's to fix
+        raise RolloutError(f"env {env_id} with env_kwargs {kwargs_json}: {type(exc).__name__}: {exc}") from None
 
 
 def _env_version(env: Any) -> str:
@@ -138,9 +162,9 @@ def _env_version(env: Any) -> str:
 class Episode:
     """What one rollout recorded; frames[t] is what the policy saw when it took actions[t]."""
 
-    frames: list[np.ndarray] = field(default_factory=list)
-    observations: list[np.ndarray] = field(default_factory=list)
-    ego: list[tuple[float, float, float, float]] = field(default_factory=list)
+    frames: dict[int, np.ndarray] = field(default_factory=dict)  # by step, inside clip windows only
+    observations: dict[int, np.ndarray] = field(default_factory=dict)
+    ego: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
     actions: list[np.ndarray] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     crashed: list[bool] = field(default_factory=list)
@@ -183,16 +207,33 @@ class RolloutGenerator(Generator):
         return self.params.clips_per_episode
 
     def preflight(self) -> None:
-        env = self.env()
-        self._policy_for(env)
-        if self.params.clip_format == "mp4":
-            frame = self._first_frame(env)
-            if frame.shape[0] % 2 or frame.shape[1] % 2:
-                raise RolloutError(f"env {self.params.env} renders {frame.shape[1]}×{frame.shape[0]} frames; "
-                                   "mp4 clips need even sizes (set the render size, or clip_format: npy)")
+        """Reset, render, act and step once, so an env, render size or policy that cannot
+        work fails here (exit 2) rather than in every shard."""
+        p, env = self.params, self.env()
+        act = self._policy_for(env)
+        try:
+            observation, _ = env.reset(seed=0)
+            frame = np.asarray(env.render())
+            np.asarray(observation, dtype=np.float32)
+            env.step(act(observation))
+        except RolloutError:
+            raise
+        except Exception as exc:
+            raise RolloutError(f"env {p.env} with policy {self.policy_name}: one step failed: "
+                               f"{type(exc).__name__}: {exc}") from None
+        if frame.ndim != 3 or frame.shape[-1] != 3:
+            raise RolloutError(f"env {p.env} renders {frame.shape} arrays, not H×W×3 frames")
+        held = frame.nbytes * p.clip_frames * p.clips_per_episode
+        if held > MAX_EPISODE_FRAME_BYTES:
+            raise RolloutError(f"env {p.env} renders {frame.shape[1]}×{frame.shape[0]} frames: an episode's "
+                               f"{p.clips_per_episode} clips of {p.clip_frames} would hold {held >> 20} MiB; "
+                               f"at most {MAX_EPISODE_FRAME_BYTES >> 20} MiB (render smaller, or fewer frames)")
+        if p.clip_format == "mp4" and (frame.shape[0] % 2 or frame.shape[1] % 2):
+            raise RolloutError(f"env {p.env} renders {frame.shape[1]}×{frame.shape[0]} frames; "
+                               "mp4 clips need even sizes (set the render size, or clip_format: npy)")
 
     def env(self) -> Any:
-        return _make_env(self.params.env, json.dumps(self.params.env_kwargs, sort_keys=True))
+        return _make_env(self.params.env, json.dumps(self.params.env_kwargs, sort_keys=True), threading.get_ident())
 
     @cached_property
     def policy_name(self) -> str:
@@ -222,16 +263,22 @@ class RolloutGenerator(Generator):
         for slot in slots:
             yield from self._clips(slot, self._rollout(env, act, slot.seed))
 
+    def _in_a_clip(self, step: int) -> bool:
+        stride = self.params.stride or self.params.clip_frames
+        return step % stride < self.params.clip_frames
+
     def _rollout(self, env: Any, act: Any, seed: int) -> Episode:
+        """Step the episode; render and keep frames only where a clip will use them."""
         episode = Episode()
         observation, _ = env.reset(seed=seed)
         env.action_space.seed(derive_seed(seed, 1))
-        for _ in range(self.params.steps_needed()):
-            episode.frames.append(np.asarray(env.render(), dtype=np.uint8))
-            episode.observations.append(np.asarray(observation, dtype=np.float32))
-            vehicle = getattr(env.unwrapped, "vehicle", None)
-            if vehicle is not None:
-                episode.ego.append((*map(float, vehicle.position), float(vehicle.speed), float(vehicle.heading)))
+        for step in range(self.params.steps_needed()):
+            if self._in_a_clip(step):
+                episode.frames[step] = np.asarray(env.render(), dtype=np.uint8)
+                episode.observations[step] = np.asarray(observation, dtype=np.float32)
+                vehicle = getattr(env.unwrapped, "vehicle", None)
+                if vehicle is not None:
+                    episode.ego[step] = (*map(float, vehicle.position), float(vehicle.speed), float(vehicle.heading))
             action = act(observation)
             observation, reward, terminated, truncated, info = env.step(action)
             episode.actions.append(np.asarray(action, dtype=np.float32).reshape(-1))
@@ -256,7 +303,8 @@ class RolloutGenerator(Generator):
 
     def _clip(self, clip_slot: SampleSlot, slot: SampleSlot, episode: Episode, j: int, start: int, stop: int) -> Sample:
         p = self.params
-        frames = np.stack(episode.frames[start:stop])
+        window = range(start, stop)
+        frames = np.stack([episode.frames[t] for t in window])
         actions = np.stack(episode.actions[start:stop])
         rewards = np.asarray(episode.rewards[start:stop], dtype=np.float32)
         crashed = any(episode.crashed[start:stop])
@@ -286,17 +334,13 @@ class RolloutGenerator(Generator):
             CLIP_MEMBER[p.clip_format]: encode_clip(frames, self.fps, p.clip_format),
             "actions.npy": _npy(actions),
             "rewards.npy": _npy(rewards),
-            "obs.npy": _npy(np.stack(episode.observations[start:stop])),
+            "obs.npy": _npy(np.stack([episode.observations[t] for t in window])),
             "json": json.dumps({**columns, "key": clip_slot.key, "caption": caption}, sort_keys=True).encode(),
             "txt": caption.encode(),
         }
         if episode.ego:
-            files["ego.npy"] = _npy(np.asarray(episode.ego[start:stop], dtype=np.float32))
+            files["ego.npy"] = _npy(np.asarray([episode.ego[t] for t in window], dtype=np.float32))
         return Sample(clip_slot, caption, files, payload=CLIP_MEMBER[p.clip_format], columns=columns, group=slot.key)
-
-    def _first_frame(self, env: Any) -> np.ndarray:
-        env.reset(seed=0)
-        return np.asarray(env.render())
 
     def _policy_for(self, env: Any) -> Any:
         """observation -> action, for the recipe's policy on this env's action space."""
@@ -333,13 +377,14 @@ def _torch_policy(model: models.ResolvedModel, space: Any) -> Any:
     import torch
     from gymnasium import spaces
 
-    try:
-        config = json.loads((model.path / "config.json").read_text())
+    try:  # the layer sizes come from the weights themselves, which are bounded by the file
         state = torch.load(model.path / "policy.pt", map_location="cpu", weights_only=True)
-        network = mlp_policy(state["0.weight"].shape[1], config.get("hidden", [64, 64]), _action_outputs(space))
+        shapes = [state[f"{2 * i}.weight"].shape for i in range(len(state) // 2)]
+        network = mlp_policy(shapes[0][1], [rows for rows, _ in shapes[:-1]], _action_outputs(space))
         network.load_state_dict(state)
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise RolloutError(f"policy.model {model.id!r}: not an MLP policy directory (config.json + policy.pt): {exc}") from None
+    except Exception as exc:
+        raise RolloutError(f"policy.model {model.id!r}: not an MLP policy directory (config.json + policy.pt "
+                           f"as mlp_policy writes it): {type(exc).__name__}: {exc}") from None
     network.eval()
 
     def act(observation: Any) -> Any:
