@@ -77,8 +77,11 @@ def encode_clip(frames: np.ndarray, fps: int, clip_format: str = "mp4") -> bytes
 def decode_clip(data: bytes, clip_format: str = "mp4") -> np.ndarray:
     """The T×H×W×3 uint8 frames of a clip written by `encode_clip`."""
     if clip_format == "npy":
-        frames = np.load(io.BytesIO(data), allow_pickle=False)
-        if frames.ndim != 4 or frames.dtype != np.uint8:
+        try:
+            frames = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ClipFormatError(f"not a readable .npy clip: {exc}") from None
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ClipFormatError(f"a .npy clip holds T×H×W×3 uint8 frames, got {frames.dtype} {frames.shape}")
         return frames
     if clip_format != "mp4":

@@ -3,6 +3,7 @@ highway-env rollouts rendered at 64x32: k continuations per clip, grouped under 
 byte-identical on rerun, and the pipeline call built from the pipeline's signature."""
 
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from synthfactory import tinymodels
+from synthfactory import models, tinymodels
 from synthfactory.generators import GENERATORS, Rejection, Sample
 from synthfactory.generators import world_model
 from synthfactory.samples import slot_for
@@ -137,12 +138,15 @@ def test_continuations_do_not_depend_on_the_batch(svd, lossless):
     ("pipeline", "StableDiffusionPipeline", "pipeline 'StableDiffusionPipeline' takes no image or video"),
     ("height", 36, "height (36) must be a multiple of 8"),
     ("prompt", "{caption} on {road}", "prompt may use only {caption}"),
-    ("prompt", "{caption", "prompt '{caption': "),
+    ("prompt", "{caption", "prompt may use only {caption}, not a lone brace"),
+    ("prompt", "{caption:{caption.__class__}}", "prompt may use only {caption}, not {caption.__class__}"),
+    ("prompt", "{caption:>500000000}", "prompt may use only {caption}, not {caption:>500000000}"),
+    ("num_frames", 512, "batch_size × num_frames × height × width"),
     ("continuations", 17, "continuations"),
 ])
 def test_bad_params_fail_at_validation_naming_the_field(svd, field, value, message):
-    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        continuation(svd, **{field: value})
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        continuation(svd, **{field: value, **({"height": 2048, "width": 2048} if field == "num_frames" else {})})
 
 
 class _PromptedImageToVideo:
@@ -268,3 +272,11 @@ def test_worldmodel_recipe_releases_gates_and_publishes(svd, tmp_path, storage_e
                       cache_dir=tmp_path / "cache"))
     assert len(clips) == len(manifest)
     assert tuple(clips[0]["mp4"].shape) == (4, 3, 32, 64) and tuple(clips[0]["context.mp4"].shape)[1:] == (3, 32, 64)
+
+
+def test_upstreams_that_cannot_be_continued_fail_before_any_shard(svd):
+    with pytest.raises(models.ModelError, match=r"context_frames \(5\) exceeds the upstream clips' clip_frames \(4\)"):
+        continuation(svd, context_frames=5).preflight()
+    shapes = {"kind": "procedural-shapes", "params": {}}
+    with pytest.raises(models.ModelError, match="clips: procedural-shapes makes images, not clips"):
+        continuation(svd, context_frames=1, clips=shapes).preflight()

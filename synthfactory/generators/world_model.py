@@ -40,8 +40,11 @@ Seeds: continuation ``j`` of a clip gets its own CPU `torch.Generator` seeded wi
 ``derive_seed(clip seed mixed with the clip key, j)``. The key is mixed in because
 `gym-rollouts` gives every clip of one episode the episode's seed; without it, clip 0
 and clip 1 of an episode would start their continuations from the same noise. In a
-batched call each continuation's generator draws its own noise, so the output does not
-depend on which continuations share a call (up to float rounding of batched kernels).
+batched call each continuation's generator draws its own noise, so which continuations
+share a call changes a pixel by at most one level, not what is drawn. Like every model-backed
+generator, the exact bytes are those of one device, dtype and torch thread count: kernels
+sum in a different order on another (`batch_size` is part of the recipe; a CPU worker's
+thread count is not).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import hashlib
 import inspect
 import io
 import json
-import string
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -71,8 +74,12 @@ from synthfactory.video import CLIP_FORMATS, CLIP_MEMBER, clip_format_of, decode
 CONTEXT_MEMBER = {clip_format: f"context.{member}" for clip_format, member in CLIP_MEMBER.items()}
 
 
-class VideoContinuationError(ValueError):
-    """A recipe whose world model or upstream cannot work together (not transient)."""
+#: the most generated pixels one pipeline call may return (float32 frames on the host)
+MAX_CALL_PIXELS = 1 << 30
+
+
+class VideoContinuationError(models.ModelError):
+    """A recipe whose world model or upstream cannot work together: bad input, not transient."""
 
 
 def _call_parameters(pipeline_class: type) -> set[str]:
@@ -126,12 +133,14 @@ class VideoContinuationParams(GeneratorParams, models.ModelSettings):
         if self.min_guidance_scale > self.guidance_scale:
             raise ValueError(f"min_guidance_scale ({self.min_guidance_scale}) must not exceed "
                              f"guidance_scale ({self.guidance_scale})")
-        try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(self.prompt) if name is not None}
-        except ValueError as exc:  # an unmatched brace
-            raise ValueError(f"prompt {self.prompt!r}: {exc}") from None
-        if fields - {"caption"}:
-            raise ValueError(f"prompt may use only {{caption}}, not {', '.join(sorted(fields - {'caption'}))}")
+        others = re.findall(r"\{[^{}]*\}", self.prompt.replace("{caption}", ""))
+        if others or "{" in self.prompt.replace("{caption}", ""):  # filled by replace(), never str.format
+            raise ValueError(f"prompt may use only {{caption}}, not {', '.join(others) or 'a lone brace'}")
+        if self.num_frames and self.height and self.width:
+            pixels = self.batch_size * self.num_frames * self.height * self.width
+            if pixels > MAX_CALL_PIXELS:
+                raise ValueError(f"batch_size × num_frames × height × width = {pixels} pixels per call; "
+                                 f"at most {MAX_CALL_PIXELS}")
         if self.pipeline != "auto":
             import diffusers
 
@@ -226,7 +235,16 @@ class VideoContinuation(models.UsesModel, Generator):
         return {**self.clips.columns, **own}
 
     def preflight(self) -> None:
+        """The upstream makes clips long enough, and the model is there; a pipeline that
+        cannot take frames fails when it loads, naming the model."""
         self.clips.preflight()
+        clip_frames = getattr(self.clips.params, "clip_frames", None)
+        if clip_frames is not None and clip_frames < self.params.context_frames:
+            raise VideoContinuationError(f"context_frames ({self.params.context_frames}) exceeds the upstream "
+                                         f"clips' clip_frames ({clip_frames}): no clip could be continued")
+        if self.clips.image_size() is not None:
+            raise VideoContinuationError(f"clips: {self.params.clips.kind} makes images, not clips; "
+                                         "use a clip generator such as gym-rollouts")
         super().preflight()
 
     def outputs_per_slot(self) -> int:
@@ -284,7 +302,7 @@ class VideoContinuation(models.UsesModel, Generator):
         if len(frames) < n:
             return f"clip has {len(frames)} frames, fewer than context_frames ({n})"
         fps = self.params.fps or int(sample.columns.get("fps") or 0) or 7
-        return _Clip(sample, frames[:n], fps, self.params.prompt.format(caption=sample.caption), _clip_seed(sample))
+        return _Clip(sample, frames[:n], fps, self.params.prompt.replace("{caption}", sample.caption), _clip_seed(sample))
 
     def _size(self, context: np.ndarray) -> tuple[int, int]:
         """(height, width) to generate at."""
@@ -301,12 +319,11 @@ class VideoContinuation(models.UsesModel, Generator):
         accepted = self._accepted
         height, width = self._size(jobs[0][0].context)
         kwargs: dict[str, Any] = {
-            "height": height,
-            "width": width,
-            "num_inference_steps": p.steps,
             "generator": [torch.Generator("cpu").manual_seed(seed) for _, seed in jobs],
             "output_type": "np",
         }
+        kwargs.update({name: value for name, value in (("height", height), ("width", width),
+                                                        ("num_inference_steps", p.steps)) if name in accepted})
         if p.num_frames is not None:
             kwargs["num_frames"] = p.num_frames
         if _conditioning(accepted, p.context_frames) == "video":
