@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/operations.py
 	$(BIN)/python bench/loader_throughput.py
 	$(BIN)/python bench/served_throughput.py
+	$(BIN)/python bench/rollout_throughput.py
 
 s3-start: $(STAMP)
 	$(BIN)/synthfactory s3 start
