@@ -130,6 +130,26 @@ def test_shards_in_threads_of_one_worker_do_not_share_a_simulator() -> None:
     assert halves[0] + halves[1] == alone
 
 
+def test_a_worker_that_rendered_still_stops_on_sigterm() -> None:
+    """SDL's default signal handlers swallow SIGTERM; a pool or a cancelled run sends it."""
+    import signal
+    import time
+
+    script = ("import sys, time; sys.path.insert(0, 'tests'); from test_rollouts import SMALL, clips; "
+              "clips(SMALL, [0]); print('rendered', flush=True); time.sleep(120)")
+    worker = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "rendered"
+        worker.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker.returncode == -signal.SIGTERM
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 @pytest.mark.slow
 def test_driving_release_publishes_and_reads_through_loader_webdataset_and_hf_datasets(tmp_path, storage_env, prefect):
     """recipes/driving.yaml through the real flow and DVC publish, then read three ways."""

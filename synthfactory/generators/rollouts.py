@@ -136,6 +136,8 @@ def _make_env(env_id: str, kwargs_json: str, thread: int) -> Any:
     """One environment per worker thread and recipe, reset with each episode's seed (two
     shards in threads of one process must not step the same simulator)."""
     os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")  # headless pygame rendering
+    os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")  # SDL would turn SIGTERM into a quit event: a
+    # worker stopped by the pool or a cancelled run would never exit
     import gymnasium as gym
 
     _import_simulators()
