@@ -69,9 +69,10 @@ def accuracy(model: nn.Module, loader: DataLoader) -> tuple[int, float]:
     return seen, correct / max(seen, 1)
 
 
-def datasets(args: argparse.Namespace) -> tuple[ShardDataset, ShardDataset]:
-    """(training shards, held-out shards) of the release or the live run."""
-    options = {"fields": FIELDS, "cache_dir": args.cache_dir, "seed": args.seed, "shuffle_buffer": args.shuffle_buffer}
+def datasets(args: argparse.Namespace, fields: list[str] = FIELDS) -> tuple[ShardDataset, ShardDataset]:
+    """(training shards, held-out shards) of the release or the live run (also what
+    train_worldmodel.py reads its clips with)."""
+    options = {"fields": fields, "cache_dir": args.cache_dir, "seed": args.seed, "shuffle_buffer": args.shuffle_buffer}
     if args.live:  # the run's feed names the classes, a release its recipe.yaml
         dataset = load(args.dataset, registry=args.registry, live=True, **options)
     else:

@@ -32,8 +32,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from synthfactory.loader import ShardDataset, load
 from synthfactory.settings import apply_offline_defaults
+
+from train_shapes import datasets  # the same release / live-run and hold-out reading
 
 FIELDS = ["mp4", "actions.npy"]
 #: highway-env's DiscreteMetaAction: 0 LANE_LEFT, 1 IDLE, 2 LANE_RIGHT, 3 FASTER, 4 SLOWER
@@ -150,16 +151,6 @@ def held_out_mse(model: nn.Module, loader: DataLoader, scale: int, seed: int) ->
             **{name: total / pixels for name, total in sums.items()}}
 
 
-def datasets(args: argparse.Namespace) -> tuple[ShardDataset, ShardDataset]:
-    """(training shards, held-out shards) of the release or the live run."""
-    options = {"fields": FIELDS, "cache_dir": args.cache_dir, "seed": args.seed, "shuffle_buffer": args.shuffle_buffer}
-    if args.live:
-        dataset = load(args.dataset, registry=args.registry, live=True, **options)
-    else:
-        dataset = load(args.dataset, args.version, args.registry, **options)
-    return dataset.split(args.holdout)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", type=Path, required=True, help="registry repo (a clone is enough) or release directory")
@@ -183,7 +174,7 @@ def main() -> None:
     apply_offline_defaults()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    train, held_out = datasets(args)
+    train, held_out = datasets(args, FIELDS)
     print(f"training on {train}\nholding out {held_out.shard_names}")
     model = NextFrame(args.width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)

@@ -238,6 +238,11 @@ class RolloutGenerator(Generator):
         return _make_env(self.params.env, json.dumps(self.params.env_kwargs, sort_keys=True), threading.get_ident())
 
     @cached_property
+    def env_version(self) -> str:
+        """Looked up once: package metadata is read from disk."""
+        return _env_version(self.env())
+
+    @cached_property
     def policy_name(self) -> str:
         policy = self.params.policy
         if isinstance(policy, TorchPolicy):
@@ -313,7 +318,7 @@ class RolloutGenerator(Generator):
         height, width = frames.shape[1:3]
         columns = {
             "env": p.env,
-            "env_version": _env_version(self.env()),
+            "env_version": self.env_version,
             "policy": self.policy_name,
             "episode": slot.key,
             "episode_seed": slot.seed,
