@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from synthfactory.checks import CHECKS
 from synthfactory.generators import GENERATORS
@@ -42,8 +42,10 @@ class LengthRange(_Strict):
 
 class ValidationSettings(_Strict):
     caption_length: LengthRange = LengthRange()
-    balance_tolerance: float | None = Field(
-        0.05, gt=0, lt=1, description="each label's share must be within 1/k ± this; null disables"
+    share_significance: float | None = Field(
+        0.001, gt=0, lt=0.5,
+        description=("significance level of the test that each label (or mix source) holds its target share; "
+                     "a fair generator passes at any size, a skew fails once the rows can show it; null disables"),
     )
     min_accept_rate: float = Field(
         0.95, ge=0, le=1, description="accepted / planned samples below this fails the gate"
@@ -121,6 +123,13 @@ class Recipe(_Strict):
     budget_usd: float | None = Field(
         None, gt=0, le=1e9, description="stop generating (finished shards kept) once the release has cost this much"
     )
+    #: where the recipe was read from: real-data paths in its params resolve against it.
+    #: Private, so it is in no dump, fingerprint or released recipe (those stay portable)
+    _recipe_dir: Path | None = PrivateAttr(None)
+
+    @property
+    def recipe_dir(self) -> Path | None:
+        return self._recipe_dir
 
     @property
     def shard_count(self) -> int:
@@ -239,7 +248,9 @@ def parse_recipe(data: Any, source: str = "recipe", recipe_dir: Path | None = No
         lines += _needs_images(generator, checks)
     if lines or recipe is None or generator is None:
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(lines))
-    return recipe.model_copy(update={"generator": generator, "checks": tuple(checks)})
+    resolved = recipe.model_copy(update={"generator": generator, "checks": tuple(checks)})
+    resolved._recipe_dir = context[RECIPE_DIR]
+    return resolved
 
 
 def _needs_images(generator: PluginSpec, checks: list[PluginSpec | None]) -> list[str]:

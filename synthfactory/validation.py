@@ -1,8 +1,15 @@
 """Release gate: validate a release manifest with Great Expectations and render Data Docs.
 
-The gate runs real GX 1.x Checkpoints against two in-memory tables: the manifest itself
-and `label_balance`, a per-label summary derived from it (GX expectations work per row or
-per column, so "every class holds ~1/k of the rows" needs a table with one row per class).
+The gate runs real GX 1.x Checkpoints against in-memory tables: the manifest itself and,
+per categorical column with target shares (labels; a mix's sources), `<column>_balance`,
+a per-value summary derived from it (GX expectations work per row or per column, so
+"every class holds ~1/k of the rows" needs a table with one row per class).
+
+Shares are judged statistically, not with a fixed tolerance: each value's count gets an
+exact two-sided binomial test against its target share, and fails below the recipe's
+significance level (Bonferroni-corrected over the values). A fair generator passes at
+any size; a skewed one fails once there are enough rows to show it (a fixed ± 0.05 fails
+fair 100-sample runs by chance and lets a 4 % skew through at a million).
 Everything GX writes goes to `report_dir`: the HTML Data Docs site (`index.html` at its
 top) and `result.json` with the raw validation results.
 
@@ -33,7 +40,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST_TABLE = "manifest"
-BALANCE_TABLE = "label_balance"
 QUALITY_TABLE = "quality_metrics"
 DOCS_SITE = "release_gate"
 _EXAMPLES_SHOWN = 3
@@ -51,8 +57,11 @@ class GateSpec:
     caption_length: tuple[int, int]
     image_size: tuple[int, int] | None
     label_set: tuple[str, ...] | None
-    balance_tolerance: float | None
     required_columns: tuple[str, ...]
+    #: categorical columns whose values must hold target shares (labels; a mix's sources)
+    shares: tuple["ShareRule", ...] = ()
+    #: significance level of the share tests; None checks only which values occur
+    share_significance: float | None = 0.001
     unique_columns: tuple[str, ...] = ("key", "sha256")
     #: columns that may hold nulls (e.g. `relation` when the template has none)
     nullable_columns: tuple[str, ...] = ()
@@ -60,6 +69,18 @@ class GateSpec:
     column_minimums: tuple[tuple[str, float], ...] = ()
     #: (quality metric, min, max): dataset-level check figures the release must meet
     metric_limits: tuple[tuple[str, float | None, float | None], ...] = ()
+
+
+@dataclass(frozen=True)
+class ShareRule:
+    """Column `column` should hold each value at its target share (the shares sum to 1)."""
+
+    column: str
+    targets: tuple[tuple[str, float], ...]
+
+    @property
+    def table(self) -> str:
+        return f"{self.column}_balance"
 
 
 @dataclass(frozen=True)
@@ -186,15 +207,23 @@ def manifest_frame(table: pa.Table) -> pd.DataFrame:
     return table.to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) else None)
 
 
-def label_balance_table(manifest: pd.DataFrame) -> pd.DataFrame:
-    """One row per observed label: its row count and share of the manifest."""
-    labels = manifest["label"] if "label" in manifest.columns else pd.Series(dtype=str)
-    counts = labels.value_counts().sort_index()
-    return pd.DataFrame({
-        "label": counts.index.astype(str),
-        "count": counts.to_numpy(dtype="int64"),
-        "share": counts.to_numpy(dtype="float64") / max(len(manifest), 1),
-    })
+def share_table(manifest: pd.DataFrame, rule: ShareRule) -> pd.DataFrame:
+    """One row per observed value: its count and share of the manifest, its target share,
+    and the p-value of an exact binomial test of the count against it (a value expected but
+    absent is left to the distinct-values expectation, which names it as missing)."""
+    from scipy.stats import binomtest
+
+    values = manifest[rule.column].astype(str) if rule.column in manifest.columns else pd.Series(dtype=str)
+    counts = values.value_counts().to_dict()
+    targets = dict(rule.targets)
+    rows, total = len(manifest), max(len(manifest), 1)
+    table = []
+    for value in sorted(counts):
+        count, target = int(counts.get(value, 0)), targets.get(value, 0.0)
+        p_value = binomtest(count, rows, target).pvalue if rows and 0 < target < 1 else float(count == round(target * rows))
+        table.append({rule.column: value, "count": count, "share": count / total, "target": target,
+                      "p_value": float(p_value)})
+    return pd.DataFrame(table, columns=[rule.column, "count", "share", "target", "p_value"])
 
 
 def _manifest_expectations(gx: ModuleType, spec: GateSpec) -> list[Any]:
@@ -219,17 +248,18 @@ def _manifest_expectations(gx: ModuleType, spec: GateSpec) -> list[Any]:
     return expectations
 
 
-def _balance_expectations(gx: ModuleType, label_set: tuple[str, ...], tolerance: float | None) -> list[Any]:
-    """Missing or extra classes, and each class's share within 1/k ± tolerance."""
+def _share_expectations(gx: ModuleType, rule: ShareRule, significance: float | None) -> list[Any]:
+    """Missing or extra values, and each value's count consistent with its target share."""
     E = gx.expectations
-    expectations: list[Any] = [E.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=list(label_set))]
-    if tolerance is not None:
-        fair_share = 1 / len(label_set)
+    expected = [value for value, share in rule.targets if share > 0]
+    expectations: list[Any] = [E.ExpectColumnDistinctValuesToEqualSet(column=rule.column, value_set=expected)]
+    if significance is not None:
+        per_value = significance / max(len(rule.targets), 1)
         expectations.append(E.ExpectColumnValuesToBeBetween(
-            column="share",
-            min_value=max(0.0, fair_share - tolerance),
-            max_value=min(1.0, fair_share + tolerance),
-            description=f"each label holds 1/{len(label_set)} of the rows ± {tolerance}",
+            column="p_value",
+            min_value=per_value,
+            description=(f"each {rule.column}'s count is consistent with its target share "
+                         f"(exact binomial test, significance {significance:g} over {len(rule.targets)} values)"),
         ))
     return expectations
 
@@ -368,13 +398,13 @@ def validate_manifest(
         validations = {MANIFEST_TABLE: _run_checkpoint(
             gx, context, MANIFEST_TABLE, manifest, _manifest_expectations(gx, spec),
             {"result_format": "SUMMARY"}, run_id)}
-        if spec.label_set is not None:
-            # The balance table has one row per class; index rows by label so a
-            # failure names the skewed class, not just its share.
-            validations[BALANCE_TABLE] = _run_checkpoint(
-                gx, context, BALANCE_TABLE, label_balance_table(manifest),
-                _balance_expectations(gx, spec.label_set, spec.balance_tolerance),
-                {"result_format": "COMPLETE", "unexpected_index_column_names": ["label"]}, run_id)
+        for rule in spec.shares:
+            # A balance table has one row per value; index rows by value so a failure
+            # names the skewed class (or source), not just its p-value.
+            validations[rule.table] = _run_checkpoint(
+                gx, context, rule.table, share_table(manifest, rule),
+                _share_expectations(gx, rule, spec.share_significance),
+                {"result_format": "COMPLETE", "unexpected_index_column_names": [rule.column, "share", "target"]}, run_id)
         if spec.metric_limits:
             validations[QUALITY_TABLE] = _run_checkpoint(
                 gx, context, QUALITY_TABLE, quality if quality is not None else pd.DataFrame([{}]),

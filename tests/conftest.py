@@ -103,7 +103,7 @@ def shapes_recipe(name: str = "tiny", **fields: Any) -> dict[str, Any]:
         "shard_size": 60,
         "seed": 7,
         "generator": {"kind": "procedural-shapes", "params": {"image_size": 32, "classes": ["circle", "square", "star"]}},
-        "validation": {"caption_length": {"min": 10, "max": 200}, "balance_tolerance": 0.15, "min_accept_rate": 0.9},
+        "validation": {"caption_length": {"min": 10, "max": 200}, "min_accept_rate": 0.9},
         # threads: tests that are not about worker processes skip their start-up
         "execution": {"runner": "thread", "workers": 2, "retries": 2, "retry_backoff_s": 0.1},
         **fields,

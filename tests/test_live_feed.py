@@ -24,7 +24,7 @@ def test_a_slow_reader_holds_the_run_to_its_buffer(tmp_path, prefect):
     recipe = write_recipe(
         tmp_path / "live.yaml", shard_size=30, seed=5,
         generator={"kind": "procedural-shapes", "params": {"image_size": 24, "classes": ["circle", "square"]}},
-        validation={"balance_tolerance": None, "caption_length": {"min": 5, "max": 200}},
+        validation={"share_significance": None, "caption_length": {"min": 5, "max": 200}},
         execution={"runner": "thread", "workers": 2, "retries": 0, "max_unread_shards": MAX_UNREAD},
     )
     registry = DataRegistry.open(tmp_path / "registry").root

@@ -78,7 +78,7 @@ def published(s3: StorageConfig, prefect: None, tmp_path_factory: pytest.TempPat
             samples=SHARDS * SHARD_SIZE,
             shard_size=SHARD_SIZE,
             generator={"kind": "procedural-shapes", "params": {"image_size": 16, "classes": CLASSES}},
-            validation={"caption_length": {"min": 10, "max": 200}, "balance_tolerance": 0.2, "min_accept_rate": 0.9},
+            validation={"caption_length": {"min": 10, "max": 200}, "min_accept_rate": 0.9},
             execution={"workers": 1, "retries": 0},
         )
         summary = run_release(str(recipe), str(root / "registry"))

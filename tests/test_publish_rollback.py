@@ -55,7 +55,7 @@ def test_failed_push_rolls_back_exactly_and_a_rerun_publishes(tmp_path, prefect,
     git(tmp_path, "clone", "--quiet", str(repo_root), str(registry))
     recipe = registry / "recipes" / "tiny.yaml"  # untracked, used in place
     write_recipe(recipe, samples=120, seed=1, generator={"kind": "procedural-shapes", "params": {"image_size": 32}},
-                 validation={"balance_tolerance": None},
+                 validation={"share_significance": None},
                  execution={"runner": "thread", "workers": 2, "retries": 1, "retry_backoff_s": 0.1})
     assert run_release(str(recipe), str(registry)).tag == "tiny@v1"
     edited = registry / "synthfactory" / "shards.py"
@@ -130,7 +130,7 @@ def test_a_short_s3_outage_during_publish_is_ridden_out(tmp_path, prefect, monke
     monkeypatch.setattr(synthfactory.registry.logger, "warning", back_after_a_failed_push)
     recipe = tmp_path / "tiny.yaml"
     write_recipe(recipe, samples=120, seed=1, generator={"kind": "procedural-shapes", "params": {"image_size": 32}},
-                 validation={"balance_tolerance": None},
+                 validation={"share_significance": None},
                  execution={"runner": "thread", "workers": 2, "retries": 4, "retry_backoff_s": 1.0})
     summary = run_release(str(recipe), str(tmp_path / "registry"))
     assert summary.tag == "tiny@v1"
@@ -156,7 +156,7 @@ def test_a_refused_release_commit_leaves_nothing_staged(tmp_path, prefect, stora
     hook.write_text("#!/bin/sh\necho 'refused by policy' >&2\nexit 1\n")
     hook.chmod(0o755)
     status, head = git(registry, "status", "--porcelain"), git(registry, "rev-parse", "HEAD")
-    recipe = write_recipe(tmp_path / "tiny.yaml", samples=40, shard_size=20, validation={"balance_tolerance": None})
+    recipe = write_recipe(tmp_path / "tiny.yaml", samples=40, shard_size=20, validation={"share_significance": None})
 
     with pytest.raises(RegistryError, match="refused by policy"):
         run_release(str(recipe), str(registry))

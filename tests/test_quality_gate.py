@@ -188,7 +188,7 @@ def test_skewed_labels_fail_the_balance_check_naming_its_figure(tmp_path, prefec
         "generator": {"kind": "procedural-shapes", "params": {
             "image_size": 32, "classes": ["circle", "square", "star"], "class_weights": [0.8, 0.1, 0.1]}},
         "samples": 300, "shard_size": 150, "seed": 3,
-        "validation": {"balance_tolerance": None},
+        "validation": {"share_significance": None},
         "execution": {"workers": 1, "retries": 0},
         "checks": [{"kind": "balance", "params": {"max_kl": 0.05, "attributes": ["background"]}}],
     }

@@ -26,7 +26,7 @@ def two_shapes(name: str, seed: int) -> dict:
     return shapes_recipe(
         name, samples=60, shard_size=30, seed=seed,
         generator={"kind": "procedural-shapes", "params": {"image_size": 24, "classes": ["circle", "square"]}},
-        validation={"balance_tolerance": None, "caption_length": {"min": 5, "max": 200}},
+        validation={"share_significance": None, "caption_length": {"min": 5, "max": 200}},
         execution={"runner": "thread", "workers": 1, "retries": 0},
     )
 
@@ -45,7 +45,7 @@ def factory(tmp_path) -> tuple[Path, Path]:
     (recipes / "gamma.yaml").write_text(yaml.safe_dump({
         "name": "gamma", "samples": 30, "shard_size": 15,
         "generator": {"kind": "text-list", "params": {"file": "prompts.txt"}},
-        "validation": {"balance_tolerance": None},
+        "validation": {"share_significance": None},
     }))
     git(repo, "add", "recipes")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "recipes")

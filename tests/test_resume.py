@@ -34,7 +34,7 @@ def write_recipe(path: Path, **fields) -> Path:
     return shapes_recipe_file(path, **{
         "samples": 1600, "shard_size": 100, "seed": 11,
         "generator": {"kind": "procedural-shapes", "params": {"image_size": 48, "classes": ["circle", "square", "star"]}},
-        "validation": {"caption_length": {"min": 10, "max": 200}, "balance_tolerance": 0.1, "min_accept_rate": 0.9},
+        "validation": {"caption_length": {"min": 10, "max": 200}, "min_accept_rate": 0.9},
         **fields,
     })
 
@@ -292,7 +292,7 @@ def test_a_no_publish_run_killed_inside_the_swap_leaves_data_as_it_was(tmp_path,
         return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
     recipe = write_recipe(tmp_path / "kills.yaml", samples=40, shard_size=20, execution={"runner": "thread", "workers": 1},
-                          validation={"balance_tolerance": None})
+                          validation={"share_significance": None})
     registry = tmp_path / "registry"
     run_release(str(recipe), str(registry), publish=False)
     before = tree(registry / "data" / "kills")

@@ -15,7 +15,15 @@ import pandas as pd
 import pytest
 
 from synthfactory import validation
-from synthfactory.validation import GateResult, GateSpec, prefetch_gx, validate_manifest, validate_staged
+from synthfactory.validation import (
+    GateResult,
+    GateSpec,
+    ShareRule,
+    prefetch_gx,
+    share_table,
+    validate_manifest,
+    validate_staged,
+)
 
 LABELS = ("bird", "cat", "dog")
 ROWS = 300
@@ -59,8 +67,8 @@ def make_spec(**overrides: object) -> GateSpec:
         caption_length=(5, 100),
         image_size=SIZE,
         label_set=LABELS,
-        balance_tolerance=0.05,
         required_columns=tuple(make_manifest(["cat"]).columns),
+        shares=(ShareRule("label", tuple((label, 1 / len(LABELS)) for label in LABELS)),),
     )
     return dataclasses.replace(spec, **overrides)
 
@@ -85,7 +93,7 @@ def test_healthy_manifest_passes_and_writes_data_docs(tmp_path: Path) -> None:
 
 def test_text_only_spec_skips_image_and_label_checks(tmp_path: Path) -> None:
     manifest = make_manifest(balanced_labels()).drop(columns=["width", "height", "bboxes"])
-    spec = make_spec(image_size=None, label_set=None, balance_tolerance=None,
+    spec = make_spec(image_size=None, label_set=None, shares=(),
                      required_columns=tuple(manifest.columns))
 
     result = validate_manifest(manifest, spec, tmp_path)
@@ -138,7 +146,7 @@ FAULTS = {
         _set("label", slice(0, 15, 3), "zebra"), {},
         {("manifest", "label", "expect_column_values_to_be_in_set"),
          ("label_balance", "label", "expect_column_distinct_values_to_equal_set"),
-         ("label_balance", "share", "expect_column_values_to_be_between")},
+         ("label_balance", "p_value", "expect_column_values_to_be_between")},
         f"manifest.label: expect_column_values_to_be_in_set failed — 5 of {ROWS} rows unexpected; e.g. ['zebra'",
     ),
     "too few rows": (
@@ -163,22 +171,61 @@ def test_fault_is_detected_and_counted(fault: str, tmp_path: Path) -> None:
 
 
 def test_skewed_labels_fail_balance_naming_the_class(tmp_path: Path) -> None:
-    # 40% / 30% / 30%: only bird leaves 1/3 ± 0.05.
-    labels = ["bird"] * 120 + ["cat"] * 90 + ["dog"] * 90
+    # 50% / 25% / 25% of 300 rows: bird is 6 standard errors above 1/3; cat and dog
+    # (3 below) are within what chance gives at significance 0.001 over 3 labels.
+    labels = ["bird"] * 150 + ["cat"] * 75 + ["dog"] * 75
 
     result = validate_manifest(make_manifest(labels), make_spec(), tmp_path)
 
-    assert failed(result) == {("label_balance", "share", "expect_column_values_to_be_between")}
+    assert failed(result) == {("label_balance", "p_value", "expect_column_values_to_be_between")}
     (outcome,) = result.failures
     assert (outcome.unexpected_count, outcome.element_count) == (1, 3)
-    assert ("label_balance.share: expect_column_values_to_be_between failed — "
-            "1 of 3 rows unexpected; e.g. [label='bird' share=0.4]") in result.summary()
+    assert ("label_balance.p_value: expect_column_values_to_be_between failed — "
+            "1 of 3 rows unexpected; e.g. [label='bird' p_value=2.894e-09 share=0.5 target=0.3333] "
+            "(allowed ≥ 0.000333333)") in result.summary()
+
+
+FIVE_SHAPES = ShareRule("label", tuple((shape, 0.2) for shape in ("circle", "hexagon", "square", "star", "triangle")))
+
+
+def _draw(rows: int, weights: list[float], seed: int) -> pd.DataFrame:
+    shapes = [shape for shape, _ in FIVE_SHAPES.targets]
+    return pd.DataFrame({"label": np.random.default_rng(seed).choice(shapes, size=rows, p=weights)})
+
+
+def _passes(table: pd.DataFrame, significance: float = 0.001) -> bool:
+    return bool((table["p_value"] >= significance / len(table)).all())
+
+
+def test_share_test_passes_a_fair_generator_at_any_size() -> None:
+    # What `synthfactory run recipes/shapes.yaml --samples 100` met: shares such as 0.26 and
+    # 0.15 of 100 rows are chance, not bias (a fixed ± 0.03 failed them).
+    assert _passes(share_table(pd.DataFrame({"label": ["circle"] * 26 + ["square"] * 15 + ["star"] * 20
+                                             + ["triangle"] * 19 + ["hexagon"] * 20}), FIVE_SHAPES))
+    fair = [0.2] * 5
+    for rows in (100, 1_000, 100_000):
+        assert all(_passes(share_table(_draw(rows, fair, seed), FIVE_SHAPES)) for seed in range(10)), rows
+
+
+def test_share_test_fails_a_skew_once_the_rows_can_show_it() -> None:
+    skewed = [0.24, 0.19, 0.19, 0.19, 0.19]  # circle 4 points over its share
+    assert _passes(share_table(_draw(100, skewed, 0), FIVE_SHAPES))  # 100 rows cannot tell
+    assert not _passes(share_table(_draw(20_000, skewed, 0), FIVE_SHAPES))
+    table = share_table(_draw(20_000, skewed, 0), FIVE_SHAPES).set_index("label")
+    assert table.loc["circle", "p_value"] < 1e-6 and table.loc["circle", "target"] == 0.2
+
+
+def test_a_value_with_no_target_share_fails_the_share_test() -> None:
+    table = share_table(pd.DataFrame({"label": ["circle"] * 99 + ["zebra"]}), ShareRule("label", (("circle", 1.0),)))
+    assert table.set_index("label").loc["zebra", "p_value"] == 0.0
 
 
 def test_missing_class_fails_label_set(tmp_path: Path) -> None:
-    # Four of five classes present, each within 1/5 ± 0.2: only the label set catches it.
+    # Four of five classes present and no share test: only the label set catches it.
     labels = balanced_labels(label_set=("bird", "cat", "dog", "fish"))
-    spec = make_spec(label_set=("bird", "cat", "dog", "fish", "owl"), balance_tolerance=0.2)
+    five = ("bird", "cat", "dog", "fish", "owl")
+    spec = make_spec(label_set=five, shares=(ShareRule("label", tuple((label, 0.2) for label in five)),),
+                     share_significance=None)
 
     result = validate_manifest(make_manifest(labels), spec, tmp_path)
 
@@ -224,7 +271,7 @@ def test_the_prefetched_gate_process_gives_the_in_process_verdict(tmp_path):
     import pyarrow.parquet as pq
 
     labels = balanced_labels()
-    labels[:40] = ["bird"] * 40  # skewed: the balance expectation fails
+    labels[:120] = ["bird"] * 120  # skewed: the balance expectation fails
     path = tmp_path / "manifest.parquet"
     pq.write_table(pa.Table.from_pandas(make_manifest(labels), preserve_index=False), path)
     expected = validate_manifest(make_manifest(labels), make_spec(), tmp_path / "here")

@@ -4,6 +4,11 @@ and the balance of declared attribute columns (colour, background, template).
 Generators amplify the biases of their prompts and models; this check measures the KL
 divergence from the target distribution, each class's share, and the normalised entropy
 of each attribute, and fails the gate outside the recipe's limits.
+
+The KL limit is statistical by default: 2·n·KL is the G-test statistic, χ² with k − 1
+degrees of freedom when the labels follow the target, so the largest KL a fair generator
+reaches by chance at significance α is χ²₍₁₋α₎(k − 1) / 2n. It shrinks with the rows:
+small runs are not failed by noise, and large ones cannot hide a skew.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from synthfactory.quality import diversity as dv
 class BalanceParams(CheckParams):
     column: str = Field("label", description="the categorical column whose distribution is judged")
     target: dict[str, float] | None = Field(None, description="target shares; default: uniform over the labels")
-    max_kl: float | None = Field(0.05, ge=0, description="largest KL(observed || target) in nats")
+    significance: float | None = Field(
+        0.001, gt=0, lt=0.5, description="G-test level: fail when the KL is larger than chance allows at this many rows"
+    )
+    max_kl: float | None = Field(None, ge=0, description="also fail above this KL(observed || target) in nats, at any size")
     min_share: float | None = Field(None, ge=0, le=1)
     max_share: float | None = Field(None, ge=0, le=1)
     attributes: tuple[str, ...] = Field((), description="categorical columns (or list columns) to measure")
@@ -65,8 +73,11 @@ class Balance(DatasetCheck):
             if any(judged.values()):
                 metrics["kl_divergence"] = round(dv.kl_divergence(judged, expected), 5)
             metrics["share_min"], metrics["share_max"] = (round(s, 4) for s in dv.share_extremes(judged))
-            if p.max_kl is not None and "kl_divergence" in metrics:
-                limits["kl_divergence"] = (None, p.max_kl)
+            bounds = [p.max_kl] if p.max_kl is not None else []
+            if p.significance is not None and len(judged) > 1:
+                bounds.append(round(dv.chance_kl(p.significance, len(judged), sum(judged.values())), 6))
+            if bounds and "kl_divergence" in metrics:
+                limits["kl_divergence"] = (None, min(bounds))
             if p.min_share is not None:
                 limits["share_min"] = (p.min_share, None)
             if p.max_share is not None:

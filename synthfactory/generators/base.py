@@ -62,6 +62,12 @@ class Generator(Plugin):
         """The label set the validation gate expects, or None for unlabelled data."""
         return None
 
+    def target_shares(self) -> dict[str, dict[str, float]]:
+        """Column -> value -> the share of rows the generator aims for, which the gate
+        tests the release against: by default each label equally often."""
+        labels = self.labels()
+        return {"label": dict.fromkeys(labels, 1 / len(labels))} if labels else {}
+
     def image_size(self) -> tuple[int, int] | None:
         """(width, height) of every image, or None when samples have no image."""
         return None

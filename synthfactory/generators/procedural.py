@@ -137,6 +137,10 @@ class ShapesGenerator(Generator):
     def labels(self) -> tuple[str, ...]:
         return self.params.classes
 
+    def target_shares(self) -> dict[str, dict[str, float]]:
+        weights = self.params.class_weights or (1.0,) * len(self.params.classes)
+        return {"label": {label: weight / sum(weights) for label, weight in zip(self.params.classes, weights)}}
+
     def image_size(self) -> tuple[int, int]:
         return (self.params.image_size, self.params.image_size)
 

@@ -176,3 +176,11 @@ def attribute_balance(values: Sequence[Any]) -> float:
     tally = Counter(value for value in values if value is not None)
     total = sum(tally.values())
     return _normalised_entropy([count / total for count in tally.values()])
+
+
+def chance_kl(significance: float, categories: int, rows: int) -> float:
+    """The largest KL(observed || target) a sample of `rows` drawn from the target reaches
+    with probability 1 − `significance` (G-test: 2·rows·KL ~ χ² with categories − 1 dof)."""
+    from scipy.stats import chi2
+
+    return float(chi2.ppf(1 - significance, categories - 1)) / (2 * max(rows, 1))

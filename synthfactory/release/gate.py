@@ -18,7 +18,7 @@ from synthfactory.release.job import ReleaseJob
 from synthfactory.release.report import render_report
 from synthfactory.release.summary import Staged
 from synthfactory.shards import CORE_COLUMNS
-from synthfactory.validation import GateResult, GateSpec, quality_row, validate_staged
+from synthfactory.validation import GateResult, GateSpec, ShareRule, quality_row, validate_staged
 
 
 class GateFailedError(RuntimeError):
@@ -35,7 +35,9 @@ def gate_spec(recipe: Recipe) -> GateSpec:
         caption_length=(rules.caption_length.min, rules.caption_length.max),
         image_size=plugins.image_size(),
         label_set=labels,
-        balance_tolerance=rules.balance_tolerance if labels else None,
+        shares=tuple(ShareRule(column, tuple(sorted(targets.items())))
+                     for column, targets in plugins.generator.target_shares().items()),
+        share_significance=rules.share_significance,
         required_columns=tuple(plugins.schema.names),
         nullable_columns=tuple(name for name in plugins.schema.names if name not in CORE_COLUMNS),
         column_minimums=plugins.column_minimums(),
