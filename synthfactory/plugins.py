@@ -15,12 +15,15 @@ import importlib.metadata
 import pkgutil
 from abc import ABC
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
+#: key of the pydantic validation context that holds the recipe's directory
+RECIPE_DIR = "recipe_dir"
 
 
 class PluginParams(BaseModel):
@@ -44,6 +47,10 @@ class Plugin(ABC):
     #: manifest columns the plug-in contributes and their Arrow types (fixed schema = stable bytes)
     columns: ClassVar[dict[str, pa.DataType]] = {}
 
+    #: the directory of the recipe the plug-in was built from: relative data paths in its
+    #: params (a real-data source) resolve against it; None outside a recipe (cwd)
+    recipe_dir: Path | None = None
+
     def __init__(self, params: PluginParams) -> None:
         self.params = params
 
@@ -54,6 +61,10 @@ class Plugin(ABC):
 
     def preflight(self) -> None:
         """Fail fast, before any shard runs, on inputs that cannot work (missing model weights)."""
+
+    def reads(self) -> list["Plugin"]:
+        """The real-data sources the plug-in reads: their code shapes its output too."""
+        return []
 
 
 class PluginSpec(BaseModel):

@@ -14,8 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationInfo
 
-#: key of the pydantic validation context that holds the recipe's directory
-RECIPE_DIR = "recipe_dir"
+from synthfactory.plugins import RECIPE_DIR
 #: the most a recipe input file may hold: its content is inlined into the released recipe
 MAX_INPUT_BYTES = 16 * 1024 * 1024
 
