@@ -61,3 +61,21 @@ def resolve_storage():  # -> StorageConfig
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or SYNTHFACTORY_ENV_FILE), "
         "or start the embedded server with `synthfactory s3 start`"
     )
+
+
+def dvc_remote_config() -> dict[str, str]:
+    """The DVC remote settings of this environment's S3 (endpoint, region, credentials), for
+    reading this registry's releases; empty when none is configured (DVC's cache may
+    still hold every object). Never for another party's repository: they are our keys."""
+    from synthfactory.storage import StorageError
+
+    try:
+        storage = resolve_storage()
+    except StorageError:
+        return {}
+    config = {"region": storage.region}
+    if storage.endpoint_url:
+        config["endpointurl"] = storage.endpoint_url
+    if storage.access_key and storage.secret_key:
+        config.update(access_key_id=storage.access_key, secret_access_key=storage.secret_key)
+    return config

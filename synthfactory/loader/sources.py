@@ -36,7 +36,7 @@ from synthfactory.live import FeedReader, read_feed
 from synthfactory.loader.errors import LoaderError
 from synthfactory.registry import DataRegistry
 from synthfactory.shards import MANIFEST, SHARDS_DIR, shard_name
-from synthfactory.storage import ACCESS_KEY_VAR, ENDPOINT_VAR, SECRET_KEY_VAR, StorageError
+from synthfactory.storage import ACCESS_KEY_VAR, ENDPOINT_VAR, SECRET_KEY_VAR
 from synthfactory.tags import version_of
 
 #: how often a live reader refreshes its progress file while reading or waiting
@@ -211,7 +211,7 @@ class DvcRelease(_Release):
         from dvc.api import DVCFileSystem
 
         if self._fs_pid is None or self._fs_pid[0] != os.getpid():
-            self._fs_pid = (os.getpid(), DVCFileSystem(str(self.registry.root), rev=self.tag, remote_config=_remote_config()))
+            self._fs_pid = (os.getpid(), DVCFileSystem(str(self.registry.root), rev=self.tag, remote_config=settings.dvc_remote_config()))
         return self._fs_pid[1]
 
     def open(self, ref: ShardRef) -> tuple[BinaryIO, Origin]:
@@ -286,21 +286,6 @@ def _read_listing(path: Path) -> dict[str, Any] | None:
         return saved["listing"] if _listing_digest(saved["listing"]) == saved["sha256"] else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _remote_config() -> dict[str, str]:
-    """The DVC remote settings of this environment's S3 (endpoint, region, credentials);
-    empty when none is configured (DVC's cache may still hold every object)."""
-    try:
-        storage = settings.resolve_storage()
-    except StorageError:
-        return {}
-    config = {"region": storage.region}
-    if storage.endpoint_url:
-        config["endpointurl"] = storage.endpoint_url
-    if storage.access_key and storage.secret_key:
-        config.update(access_key_id=storage.access_key, secret_access_key=storage.secret_key)
-    return config
 
 
 def resolve_tag(registry: DataRegistry, dataset: str, version: int | str | None) -> str:

@@ -24,8 +24,18 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from synthfactory import settings
 from synthfactory.files import fsync_tree
-from synthfactory.sources.base import SOURCES, PinnedSourceParams, Record, Source, SourceError, SourceParams, data_path
+from synthfactory.sources.base import (
+    SOURCES,
+    PinnedSourceParams,
+    Record,
+    Source,
+    SourceError,
+    SourceParams,
+    data_path,
+    registry_root,
+)
 
 CACHE_VAR = "SYNTHFACTORY_SOURCE_CACHE"
 #: a repository named by URL; anything else is a folder inside the recipe's registry
@@ -58,12 +68,12 @@ def dvc_errors(what: str) -> Iterator[None]:
         raise SourceError(f"{what} ({type(exc).__name__}: {exc})") from None
 
 
-def repository_files(repo: str, location: str, rev: str) -> Any:
+def repository_files(repo: str, location: str, rev: str, remote_config: dict[str, str] | None = None) -> Any:
     """The repository's files at `rev`, as a DVCFileSystem (a remote repository is cloned)."""
     from dvc.api import DVCFileSystem
 
     with dvc_errors(f"repo: cannot open {repo!r} at {rev!r}"):
-        return DVCFileSystem(location, rev=rev)
+        return DVCFileSystem(location, rev=rev, remote_config=remote_config)
 
 
 def checkout(repo: str, location: str, rev: str) -> tuple[str, Any]:
@@ -83,7 +93,7 @@ def checkout(repo: str, location: str, rev: str) -> tuple[str, Any]:
     return commit, repository_files(repo, location, commit)
 
 
-def local_copy(repo: str, location: str, commit: str, path: str) -> Path:
+def local_copy(repo: str, location: str, commit: str, path: str, remote_config: dict[str, str] | None = None) -> Path:
     """A folder holding `path` of the repository at `commit` (under its own name), copied
     once: into a private folder beside it, then renamed into place, so a reader never sees
     half a copy and concurrent first reads cannot mix."""
@@ -93,7 +103,7 @@ def local_copy(repo: str, location: str, commit: str, path: str) -> Path:
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name[:16]}-", dir=entry.parent))
     try:
-        files = repository_files(repo, location, commit)
+        files = repository_files(repo, location, commit, remote_config)
         with dvc_errors(f"dvc:{repo}:{path}@{commit[:12]}: cannot copy it"):
             files.get(path, str(staging / PurePosixPath(path).name), recursive=True)
         fsync_tree(staging)
@@ -178,7 +188,10 @@ class Dvc(Source):
         commit = params.revision or checkout(params.repo, location, params.rev)[0]
         name = PurePosixPath(params.path).name
         source = SOURCES.get(params.format)(params.format_params(name))
-        source.recipe_dir = local_copy(params.repo, location, commit, params.path)
+        # this registry's own releases live in the factory's S3: read them with its settings
+        own = not is_remote(params.repo) and Path(location) == registry_root(self.recipe_dir or Path.cwd()).resolve()
+        source.recipe_dir = local_copy(params.repo, location, commit, params.path,
+                                       settings.dvc_remote_config() if own else None)
         return source
 
     def __len__(self) -> int:
