@@ -5,8 +5,11 @@ samples as a plain iterator. Shards come from a registry at a release tag (throu
 its cache, else streamed from S3 into a bounded local cache), a release directory, or a
 live run (see `sources`). Every consumer (DataLoader worker × distributed rank) computes
 the same epoch-seeded shard order and takes its own share of it, so each sample is read
-exactly once per epoch. This package imports the shard format, the registry and the
-live feed; nothing of recipes or plug-ins.
+exactly once per epoch. `source_dataset()` reads a real-data source the same way and
+`mix()` interleaves datasets at load time. Every one of them has `state_dict()` /
+`load_state_dict()` (torchdata's `StatefulDataLoader` protocol), so a restarted job
+continues an epoch where it stopped. This package imports the shard format, the registry
+and the live feed; nothing of recipes or plug-ins (sources are duck-typed).
 """
 
 from __future__ import annotations
@@ -17,16 +20,26 @@ from typing import Any
 
 from synthfactory.live import default_consumer
 from synthfactory.loader.cache import DEFAULT_CACHE_BYTES, DiskCache, default_cache_dir
-from synthfactory.loader.dataset import DECODE_MODES, VERIFY_MODES, ShardDataset, consumer_index, distributed_rank
+from synthfactory.loader.dataset import (
+    DECODE_MODES, VERIFY_MODES, ResumableDataset, ShardDataset, SourceDataset, consumer_index, distributed_rank,
+)
 from synthfactory.loader.errors import LoaderError
+from synthfactory.loader.mix import MixedDataset, mix
 from synthfactory.loader.sources import DvcRelease, LiveRun, ReleaseDirectory, ShardSource, consumer_share, resolve_tag
 from synthfactory.registry import DataRegistry, RegistryError
 from synthfactory.shards import SHARDS_DIR
 
 __all__ = [
-    "DiskCache", "LoaderError", "ShardDataset", "consumer_index", "consumer_share", "default_cache_dir",
-    "iter_samples", "load",
+    "DiskCache", "LoaderError", "MixedDataset", "ResumableDataset", "ShardDataset", "SourceDataset", "consumer_index",
+    "consumer_share", "default_cache_dir", "iter_samples", "load", "mix", "source_dataset",
 ]
+
+
+def _check_decoding(decode: str, fields: Sequence[str] | None) -> None:
+    if decode not in DECODE_MODES:
+        raise LoaderError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
+    if fields is not None and (isinstance(fields, str) or not fields):
+        raise LoaderError(f"fields={fields!r}: give a non-empty list such as ['png', 'label']")
 
 
 def load(
@@ -77,11 +90,11 @@ def load(
     shard that ends short or holds more is caught at its end. A damaged copy in the shard
     cache or DVC's cache is dropped and fetched again (counted in `.refetched`, logged);
     a damaged source (a release directory, S3, a live run) raises LoaderError naming the shard.
+
+    `state_dict()` / `load_state_dict()` stop and continue an epoch mid-way (a live run:
+    the shards already consumed are skipped); see `ShardDataset`.
     """
-    if decode not in DECODE_MODES:
-        raise LoaderError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
-    if fields is not None and (isinstance(fields, str) or not fields):
-        raise LoaderError(f"fields={fields!r}: give a non-empty list such as ['png', 'label']")
+    _check_decoding(decode, fields)
     if verify not in VERIFY_MODES:
         raise LoaderError(f"verify={verify!r}: choose one of {', '.join(VERIFY_MODES)}")
     if shuffle_buffer < 0 or cache_bytes < 0:
@@ -116,6 +129,39 @@ def load(
         shuffle=shuffle and not live, seed=seed, shuffle_buffer=shuffle_buffer,
         rank=rank, world_size=world_size, cache=cache, verify=verify,
     )  # fmt: skip
+
+
+def source_dataset(
+    source: Any,
+    decode: str = "torch",
+    fields: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> SourceDataset:
+    """A `torch.utils.data.IterableDataset` over a real-data source (a
+    `synthfactory.sources.Source`, or anything with ``len()`` and ``read(indices)`` giving
+    records with key, files, label), to train on or `mix` with a release.
+
+    Samples are shaped like `load`'s: ``__key__``, one entry per member decoded the same
+    way (`decode`, `fields`), ``label`` as the index in `classes` (default the source's
+    sorted labels) and ``__origin__`` (the source's origin, when it has one). Each epoch
+    the records are permuted by (`seed`, epoch) unless `shuffle` is False, and each
+    (rank, DataLoader worker) reads its range of that order.
+    """
+    _check_decoding(decode, fields)
+    if not callable(getattr(source, "read", None)) or not callable(getattr(source, "__len__", None)):
+        raise LoaderError(f"source={source!r}: give a real-data source (one with len() and read(indices))")
+    if classes is None and callable(getattr(source, "labels", None)):
+        classes = sorted(source.labels() or ())
+    rank, world_size = distributed_rank(rank, world_size)
+    return SourceDataset(
+        source, decode=decode, fields=tuple(fields) if fields is not None else None, classes=tuple(classes) if classes else None,
+        shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+    )
 
 
 def iter_samples(dataset: str, version: int | str | None = None, registry: str | Path = ".", **options: Any) -> Iterator[dict[str, Any]]:
