@@ -90,7 +90,8 @@ class Origin:
     license: str
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.uri}@{self.revision[:12]}"
+        scheme, _, digest = self.revision.rpartition(":")  # sha256:<hex>, sklearn-1.9.1:<hex>, a bare commit
+        return f"{self.kind}:{self.uri}@{scheme + ':' if scheme else ''}{digest[:12]}"
 
 
 class Source(Plugin):
