@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from synthfactory.checks import CHECKS
-from synthfactory.generators import GENERATORS
+from synthfactory.generators import GENERATORS, Generator
 from synthfactory.generators.inputs import RECIPE_DIR
 from synthfactory.plugins import PluginSpec, Registry, UnknownPluginError
 
@@ -103,6 +103,31 @@ class Prices(_Strict):
     usd_per_gpu_hour: float = Field(0.0, ge=0, le=1e6)
 
 
+TAG_OR_DATASET = r"^[A-Za-z0-9][A-Za-z0-9_.@:/+-]{0,127}$"
+
+
+class LineageModel(_Strict):
+    """A model (or generator) that made this release, and what it was trained on."""
+
+    name: str = Field(pattern=TAG_OR_DATASET, description="a generator kind or model id the recipe runs")
+    trained_on: tuple[str, ...] = Field(
+        (), max_length=64,
+        description="releases of this registry (digits@v1: their depth counts) or other datasets (real: depth 0)",
+    )
+
+
+class Lineage(_Strict):
+    """Where the data's makers came from: a model trained on a synthetic release makes the
+    next generation (depth 2); diversity tends to fall generation after generation."""
+
+    models: tuple[LineageModel, ...] = Field((), max_length=64)
+    warn_depth: int | None = Field(2, ge=1, le=100, description="warn from this synthetic generation depth on")
+    max_depth: int | None = Field(None, ge=0, le=100, description="refuse a release deeper than this")
+    max_diversity_drop: float | None = Field(
+        None, ge=0, le=1, description="refuse a diversity figure more than this fraction below a parent release's"
+    )
+
+
 #: the most shards one recipe may plan: every shard has a plan and a cache key held in
 #: memory for the run (about 270 bytes each), and one task run
 MAX_SHARDS = 100_000
@@ -123,6 +148,7 @@ class Recipe(_Strict):
     budget_usd: float | None = Field(
         None, gt=0, le=1e9, description="stop generating (finished shards kept) once the release has cost this much"
     )
+    lineage: Lineage = Lineage()
     #: where the recipe was read from: real-data paths in its params resolve against it.
     #: Private, so it is in no dump, fingerprint or released recipe (those stay portable)
     _recipe_dir: Path | None = PrivateAttr(None)
@@ -244,8 +270,10 @@ def parse_recipe(data: Any, source: str = "recipe", recipe_dir: Path | None = No
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         lines = _field_lines(exc) + lines
-    if generator is not None and not lines:
-        lines += _needs_images(generator, checks)
+    if generator is not None and recipe is not None and not lines:
+        built = GENERATORS.get(generator.kind).from_params(generator.params)
+        built.recipe_dir = context[RECIPE_DIR]
+        lines += _needs_images(built, checks) + built.plan_problems(recipe.samples)
     if lines or recipe is None or generator is None:
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(lines))
     resolved = recipe.model_copy(update={"generator": generator, "checks": tuple(checks)})
@@ -253,11 +281,11 @@ def parse_recipe(data: Any, source: str = "recipe", recipe_dir: Path | None = No
     return resolved
 
 
-def _needs_images(generator: PluginSpec, checks: list[PluginSpec | None]) -> list[str]:
-    if GENERATORS.get(generator.kind).from_params(generator.params).image_size() is not None:
+def _needs_images(generator: Generator, checks: list[PluginSpec | None]) -> list[str]:
+    if generator.image_size() is not None:
         return []
     return [
-        f"checks.{i}.kind: {spec.kind} scores images, but generator {generator.kind} makes none"
+        f"checks.{i}.kind: {spec.kind} scores images, but generator {generator.plugin_name} makes none"
         for i, spec in enumerate(checks)
         if spec is not None and CHECKS.get(spec.kind).needs_images
     ]

@@ -192,12 +192,18 @@ class DataRegistry:
             tag = ReleaseTag.parse(name)
             if tag is None or (dataset and tag.dataset != dataset):
                 continue
-            try:
-                metrics = json.loads(self.git("show", f"{tag}:data/{tag.dataset}/{METRICS_FILE}"))
-            except (RegistryError, json.JSONDecodeError):
-                metrics = {}
-            releases.append(Release(tag.dataset, tag.version, str(tag), commit[:40], date, metrics))
+            releases.append(Release(tag.dataset, tag.version, str(tag), commit[:40], date, self.release_metrics(tag) or {}))
         return sorted(releases, key=lambda r: (r.dataset, r.version))
+
+    def release_metrics(self, tag: ReleaseTag | str) -> dict[str, Any] | None:
+        """metrics.json of release `tag`; None when the tag or its metrics are missing."""
+        tag = ReleaseTag.parse(str(tag))
+        if tag is None:
+            return None
+        try:
+            return json.loads(self.git("show", f"{tag}:data/{tag.dataset}/{METRICS_FILE}"))
+        except (RegistryError, json.JSONDecodeError):
+            return None
 
     def release_tags(self, dataset: str | None = None) -> list[ReleaseTag]:
         """Release tags in (dataset, version) order, without reading their metrics."""

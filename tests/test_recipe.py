@@ -46,7 +46,7 @@ def test_valid_recipe_fills_in_generator_defaults():
         ("samples", 0, "samples: must be ≥ 1, got 0"),
         ("shard_size", -5, "shard_size: must be ≥ 1, got -5"),
         ("name", "Bad Name", "name: must match"),
-        ("generator.kind", "gan", "generator.kind: unknown generator 'gan'; available: gym-rollouts, llm-captions, procedural-shapes, text-list, text-to-image, video-continuation"),
+        ("generator.kind", "gan", "generator.kind: unknown generator 'gan'; available: digits, gym-rollouts, llm-captions, mix, procedural-shapes, text-list, text-to-image, video-continuation"),
         ("generator.params.classes", ["circle", "blob"], "generator.params.classes: unknown shape 'blob'"),
         ("generator.params.colour", "red", "generator.params.colour: is not a known field"),
         ("validation.min_accept_rate", 1.5, "validation.min_accept_rate: must be ≤ 1.0, got 1.5"),

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+from synthfactory.models import UsesModel
 from synthfactory.plugins import Plugin, PluginParams, Registry
 from synthfactory.samples import Rejection, Sample, SampleSlot
 
@@ -54,6 +55,19 @@ class Generator(Plugin):
         no model."""
         return {}
 
+    def makers(self) -> list[str]:
+        """What makes the rows (generator kinds, then model ids), for the release's lineage."""
+        names = []
+        for link in self.chain():
+            names.append(link.plugin_name)
+            if isinstance(link, UsesModel):
+                names.append(link.model.id)
+        return names
+
+    def parent_releases(self) -> list[str]:
+        """Tags of the releases whose samples this one reuses (a mix's release components)."""
+        return []
+
     def outputs_per_slot(self) -> int:
         """Samples each slot yields when nothing is rejected (k images per caption)."""
         return 1
@@ -67,6 +81,11 @@ class Generator(Plugin):
         tests the release against: by default each label equally often."""
         labels = self.labels()
         return {"label": dict.fromkeys(labels, 1 / len(labels))} if labels else {}
+
+    def plan_problems(self, samples: int) -> list[str]:
+        """What makes `samples` slots impossible to fill as declared (a mix asking a source
+        for more records than it holds), one line each naming the field; checked at load."""
+        return []
 
     def image_size(self) -> tuple[int, int] | None:
         """(width, height) of every image, or None when samples have no image."""

@@ -7,6 +7,7 @@ import functools
 import json
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -14,6 +15,7 @@ from synthfactory.checks import CHECKS, Check, DatasetCheck
 from synthfactory.generators import GENERATORS, Generator
 from synthfactory.models import UsesModel
 from synthfactory.recipe import Recipe
+from synthfactory.sources.base import Origin, Source
 from synthfactory.shards import manifest_schema
 
 
@@ -24,8 +26,10 @@ class PluginBundle:
 
     @property
     def plugins(self) -> list[Generator | Check]:
-        """Every plug-in the recipe runs: the generator chain (upstream included), then the checks."""
-        return [*self.generator.chain(), *self.checks]
+        """Every plug-in the recipe runs: the generator chain (upstream included), then the
+        checks, then the sources they read."""
+        runs = [*self.generator.chain(), *self.checks]
+        return [*runs, *(source for plugin in runs for source in plugin.reads())]
 
     @property
     def dataset_checks(self) -> list[DatasetCheck]:
@@ -52,6 +56,10 @@ class PluginBundle:
         """(role, id, revision) of every model the recipe runs."""
         return [(p.model_role, p.model.id, p.model.revision) for p in self.plugins if isinstance(p, UsesModel)]
 
+    def origins(self) -> list[Origin]:
+        """Where the real data the recipe reads comes from, each source once."""
+        return list(dict.fromkeys(p.origin() for p in self.plugins if isinstance(p, Source)))
+
     def devices(self) -> list[str]:
         """Accelerators the plug-ins run on (empty on CPU)."""
         return sorted({str(p.device) for p in self.plugins if isinstance(p, UsesModel)} - {"cpu"})
@@ -63,12 +71,16 @@ class PluginBundle:
 
 
 @functools.lru_cache(maxsize=8)
-def _bundle(generator: str, checks: str) -> PluginBundle:
+def _bundle(generator: str, checks: str, recipe_dir: Path | None) -> PluginBundle:
     spec = json.loads(generator)
-    return PluginBundle(
+    bundle = PluginBundle(
         GENERATORS.get(spec["kind"]).from_params(spec["params"]),
         tuple(CHECKS.get(c["kind"]).from_params(c["params"]) for c in json.loads(checks)),
     )
+    bundle.generator.recipe_dir = recipe_dir  # first: a mix builds its sources and generators with it
+    for plugin in (*bundle.generator.chain(), *bundle.checks):
+        plugin.recipe_dir = recipe_dir
+    return bundle
 
 
 def plugins_of(recipe: Recipe) -> PluginBundle:
@@ -76,4 +88,5 @@ def plugins_of(recipe: Recipe) -> PluginBundle:
     return _bundle(
         json.dumps(recipe.generator.model_dump(mode="json"), sort_keys=True),
         json.dumps([c.model_dump(mode="json") for c in recipe.checks], sort_keys=True),
+        recipe.recipe_dir,
     )

@@ -14,6 +14,7 @@ import yaml
 
 from synthfactory.recipe import Recipe
 from synthfactory.release.cost import describe_usage
+from synthfactory.sources.base import Origin
 
 _SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")]
 
@@ -30,8 +31,10 @@ def render_card(
     fingerprint: str,
     has_images: bool,
     models: Sequence[tuple[str, str, str]] = (),
+    sources: Sequence[Origin] = (),
 ) -> str:
-    """`fingerprint`: of the release's inputs; `models`: (role, id, revision) of every model the recipe ran."""
+    """`fingerprint`: of the release's inputs; `models`: (role, id, revision) of every model the
+    recipe ran; `sources`: the real data it read (mixed in, or measured against)."""
     front = {
         "pretty_name": recipe.name,
         "size_categories": [_size_category(metrics["samples"])],
@@ -39,11 +42,24 @@ def render_card(
         "tags": ["synthetic", "synthfactory", recipe.generator.kind],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}],
     }
+    if sources:
+        front["source_datasets"] = sorted({f"{origin.kind}:{origin.uri}" for origin in sources})
+        licences = sorted({origin.license for origin in sources})
+        front["license"] = licences[0] if len(licences) == 1 else "other"
     labels = metrics.get("labels", {})
     label_rows = "\n".join(f"| {label} | {count} |" for label, count in labels.items())
     verdict = "\n".join(f"- {line}" for line in gate_lines)
     code = "\n".join(f"- `{path}`" for path in code_files)
     model_lines = "".join(f"\n- {role} model: `{ident}` at revision `{revision}`" for role, ident, revision in models)
+    source_lines = "".join(f"\n  - `{origin.kind}` `{origin.uri}` at `{origin.revision}`, licence {origin.license}"
+                           for origin in sources)
+    lineage = metrics.get("lineage", {})
+    parents = ", ".join(f"`{parent['tag']}` (depth {parent['depth']})" for parent in lineage.get("parents", []))
+    trained = "; ".join(f"`{maker['name']}` trained on {', '.join(maker['trained_on'])}"
+                        for maker in lineage.get("makers", []) if maker["trained_on"])
+    lineage_lines = (f"\n- Synthetic generation depth: {lineage.get('depth', 0)}"
+                     + (f"\n- Reuses releases: {parents}" if parents else "")
+                     + (f"\n- Makers' training data (declared): {trained}" if trained else ""))
     usage = describe_usage(metrics)
     usage_section = f"\n## Cost and usage\n\n{usage} (prices from the recipe's `cost`).\n" if usage else ""
     return f"""---
@@ -56,7 +72,8 @@ def render_card(
 
 ## Provenance
 
-- Generator: `{recipe.generator.kind}` (params below){model_lines}
+- Generator: `{recipe.generator.kind}` (params below){model_lines}{lineage_lines}
+- Real data read:{source_lines or " none"}
 - Inputs fingerprint (recipe, the files it reads, the code): `{fingerprint}`
 - Seed: `{recipe.seed}`; each sample's seed is derived from (seed, sample index) and stored in the manifest
 - Code hashed into `dvc.lock` for this release:

@@ -57,7 +57,7 @@ def validate(job: ReleaseJob, staged: Staged) -> GateResult:
     verdict = [f"passed: {len(gate.outcomes)} expectations"] if gate.success else gate.summary().splitlines()
     plugins = job.plugins
     card = render_card(job.recipe, metrics, verdict, job.code_files, job.inputs_fingerprint,
-                       plugins.image_size() is not None, plugins.models())
+                       plugins.image_size() is not None, plugins.models(), plugins.origins())
     atomic_write(job.stage_dir / "README.md", card)
     render_report(job.stage_dir, job.recipe.name, pq.read_table(job.stage_dir / "manifest.parquet"),
                   pq.read_table(job.stage_dir / "rejected.parquet"),

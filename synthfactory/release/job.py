@@ -29,6 +29,7 @@ from synthfactory import settings
 from synthfactory.recipe import Execution, Recipe, RecipeError, load_recipe
 from synthfactory.files import try_flock
 from synthfactory.registry import DataRegistry, RegistryError
+from synthfactory.release.lineage import trace_lineage
 from synthfactory.release.bundle import PluginBundle, plugins_of
 from synthfactory.release.fingerprint import CodeFile, code_files, code_version, inputs_fingerprint, shard_keys
 from synthfactory.release.recovery import OWNER_FILE, recover_interrupted
@@ -196,6 +197,7 @@ def prepare(request: ReleaseRequest) -> ReleaseJob:
     registry = DataRegistry.open(registry_path)
     recipe_source = Path(request.recipe_path).resolve()
     recipe_file, inputs = recipe_locations(recipe, recipe_source, registry)
+    trace_lineage(recipe, plugins, registry, None)  # a parent release missing fails now, not after generating
     run_lock = _take_run_lock(registry, recipe.name)
     try:
         (registry.scratch / "work").mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,51 @@ def _histogram(title: str, values: list[float]) -> str:
     return _png(figure)
 
 
+def _privacy_plot(figures: dict[str, float]) -> str:
+    """Quantiles of each synthetic sample's distance to its closest real record, and the
+    same for fresh real data (the holdout) when measured: copies sit at the far left."""
+    plt = _pyplot()
+    points = [(q, figures[name]) for q, name in ((0, "dcr_min"), (5, "dcr_p05"), (10, "dcr_q10"), (25, "dcr_q25"),
+                                                  (50, "dcr_median"), (75, "dcr_q75"), (90, "dcr_q90")) if name in figures]
+    figure, axes = plt.subplots(figsize=(7, 2.5))
+    axes.plot([p for p, _ in points], [d for _, d in points], marker="o", color="#4c78a8", label="synthetic → real")
+    if "holdout_dcr_median" in figures:
+        axes.axhline(figures["holdout_dcr_median"], color="#999", linestyle="--", label="holdout real → real (median)")
+    if "min_distance" in figures:
+        axes.axhline(figures["min_distance"], color="#c44", linestyle=":", label="refused below")
+    axes.set_xlabel("percentile of synthetic samples")
+    axes.set_ylabel("distance to closest real record")
+    axes.set_title("Privacy: distance to closest real record (DCR)")
+    axes.legend(fontsize=8)
+    return _png(figure)
+
+
+def _utility_plot(figures: dict[str, float]) -> str:
+    """Accuracy on held-out real data of the probe trained on each training set."""
+    plt = _pyplot()
+    bars = [(label, figures[name]) for label, name in (
+        ("this release", "tstr_accuracy"), ("its synthetic rows", "synthetic_only_accuracy"),
+        ("its real rows", "real_only_accuracy"), ("real training set", "trtr_accuracy")) if name in figures]
+    figure, axes = plt.subplots(figsize=(7, 0.4 * len(bars) + 1))
+    axes.barh([label for label, _ in reversed(bars)], [value for _, value in reversed(bars)], color="#4c78a8")
+    for index, (_, value) in enumerate(reversed(bars)):
+        axes.text(value, index, f" {value:.3f}", va="center", fontsize=8)
+    axes.set_xlim(0, 1.08)
+    axes.set_title("Utility: probe accuracy on held-out real data")
+    return _png(figure)
+
+
+def _lineage(lineage: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(m['name'])}</td><td>{html.escape(', '.join(m['trained_on']) or 'not declared (real data)')}</td>"
+        f"<td>{m['depth']}</td></tr>" for m in lineage.get("makers", [])
+    ) + "".join(
+        f"<tr><td>reuses {html.escape(p['tag'])}</td><td></td><td>{p['depth']}</td></tr>" for p in lineage.get("parents", [])
+    )
+    table = f"<table><tr><th>maker / parent</th><th>trained on</th><th>depth</th></tr>{rows}</table>" if rows else ""
+    return f"<p>Synthetic generation depth {lineage.get('depth', 0)} (0: real data only).</p>{table}"
+
+
 def _filmstrip(data: bytes, clip_format: str) -> bytes | None:
     """Up to 8 evenly spaced frames of a clip side by side, as one PNG (None if unreadable)."""
     import numpy as np
@@ -162,8 +207,8 @@ def render_report(
     )
     sections.append("<h2>Samples</h2>" + _grid(stage_dir, manifest))
     plots = []
-    for column, title in (("label", "labels"), ("concept_source", "concept sources"), ("concept", "concepts (top 25)"),
-                          ("template", "templates")):
+    for column, title in (("label", "labels"), ("origin", "origin"), ("source", "sources"),
+                          ("concept_source", "concept sources"), ("concept", "concepts (top 25)"), ("template", "templates")):
         if column in manifest.column_names:
             plots.append(_bar(title, Counter(v for v in manifest.column(column).to_pylist() if v is not None)))
     if "clip_score" in manifest.column_names and manifest.num_rows:
@@ -172,6 +217,12 @@ def render_report(
         sections.append("<h2>Distributions</h2>" + "".join(plots))
     if quality.metrics:
         sections.append("<h2>Quality and diversity</h2>" + _figures(quality.metrics, quality.previous_metrics, quality.limits))
+    if "privacy-distance" in quality.metrics:
+        sections.append("<h2>Privacy</h2>" + _privacy_plot(quality.metrics["privacy-distance"]))
+    if "utility" in quality.metrics:
+        sections.append("<h2>Utility</h2>" + _utility_plot(quality.metrics["utility"]))
+    if "lineage" in metrics:
+        sections.append("<h2>Lineage</h2>" + _lineage(metrics["lineage"]))
     if quality.notes:
         sections.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in quality.notes) + "</ul>")
     if usage := describe_usage(metrics):

@@ -4,6 +4,7 @@ figures `dvc metrics diff` compares between releases."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -22,6 +23,7 @@ from synthfactory.registry import RegistryError, dvc_get
 from synthfactory.release.build import ShardResult
 from synthfactory.release.bundle import PluginBundle
 from synthfactory.release.job import ReleaseJob
+from synthfactory.release.lineage import DIVERSITY_CHECK, trace_lineage
 from synthfactory.release.cost import cost_usd
 from synthfactory.release.shard_cache import ShardCache
 from synthfactory.release.summary import Quality, RunStats, Staged
@@ -37,6 +39,13 @@ def stage(job: ReleaseJob, results: list[ShardResult], run: RunStats) -> Staged:
     plugins = job.plugins
     previous = previous_release(job) if plugins.dataset_checks else None
     manifest, rejected, quality = judge_dataset(plugins, job.stage_dir, manifest, rejected, previous)
+    lineage = trace_lineage(job.recipe, plugins, job.registry, quality.metrics.get(DIVERSITY_CHECK))
+    quality = dataclasses.replace(
+        quality,
+        metrics={**quality.metrics, "lineage": lineage.figures},
+        limits=(*quality.limits, *((f"lineage_{name}", low, high) for name, (low, high) in lineage.limits.items())),
+        notes=(*quality.notes, *(f"lineage: {note}" for note in lineage.notes)),
+    )
     (job.stage_dir / REJECTED_DIR).mkdir(parents=True, exist_ok=True)  # present (maybe empty) in every release
     atomic_write(job.stage_dir / "manifest.parquet", parquet_bytes(manifest))
     atomic_write(job.stage_dir / "rejected.parquet", parquet_bytes(rejected))
@@ -45,8 +54,8 @@ def stage(job: ReleaseJob, results: list[ShardResult], run: RunStats) -> Staged:
     if run.usage:  # top level, so `dvc metrics diff` shows what each release used and cost
         metrics["usage"] = run.usage
         metrics["cost_usd"] = cost_usd(job.recipe.cost, run.usage)
-    if quality.metrics:
-        metrics["quality"] = quality.metrics
+    metrics["quality"] = quality.metrics
+    metrics["lineage"] = lineage.as_metrics()
     return Staged(metrics, quality)
 
 
