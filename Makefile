@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/loader_throughput.py
 	$(BIN)/python bench/served_throughput.py
 	$(BIN)/python bench/rollout_throughput.py
+	$(BIN)/python bench/digits_utility.py
 
 s3-start: $(STAMP)
 	$(BIN)/synthfactory s3 start

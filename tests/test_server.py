@@ -146,7 +146,7 @@ def test_server_deploys_every_recipe_with_its_schedule_and_editable_parameters(l
     with prefect_client(live_server) as client:
         assert client.read_work_pool("synthfactory").type == "process"
         schedules = {}
-        for name in ("shapes", "synclr", "instructions", "driving", "worldmodel"):
+        for name in ("shapes", "synclr", "instructions", "driving", "worldmodel", "digits", "digits-mix"):
             deployment = client.read_deployment_by_name(f"release/{name}")
             assert deployment.work_pool_name == "synthfactory"
             assert deployment.parameters["recipe_path"] == f"recipes/{name}.yaml"
@@ -164,6 +164,8 @@ def test_server_deploys_every_recipe_with_its_schedule_and_editable_parameters(l
         "instructions": [("0 5 * * 0", "UTC", False)],
         "driving": [("0 4 * * 0", "UTC", False)],
         "worldmodel": [("0 6 * * 0", "UTC", False)],
+        "digits": [("0 1 * * 0", "UTC", False)],
+        "digits-mix": [("30 1 * * 0", "UTC", False)],
     }
 
 
