@@ -46,7 +46,7 @@ def test_weights_hold_exactly_per_block_and_records_are_drawn_once(tmp_path):
     assert len({sample.columns["source_key"] for sample in real}) == 300  # without replacement
     assert {sample.columns["origin"] for sample in samples} == {"real", "synthetic"}
     first = real[0]
-    assert first.columns["source_revision"].startswith("sklearn-")
+    assert first.columns["source_revision"].startswith("sklearn-") and first.columns["source_license"] == "CC-BY-4.0"
     assert json.loads(first.files["json"])["origin"] == "real" and first.columns["width"] == 32
     # the label comes with the record; the gate tests the achieved source shares
     assert first.columns["label"] in {str(d) for d in range(10)}

@@ -302,6 +302,7 @@ class DigitsGenerator(Generator):
             caption=caption,
             files={
                 "png": digit_image(grid_from_bitmap(bitmap)),
+                "txt": caption.encode(),
                 "json": json.dumps(truth, sort_keys=True, separators=(",", ":")).encode(),
             },
             payload="png",

@@ -14,8 +14,9 @@ source are drawn without replacement in a seeded order, so a real record appears
 most once; a mix that asks a source for more records than it holds is a recipe error.
 
 Every sample carries `origin` (real / synthetic), `source` (the component's name),
-`source_revision` (the data's content hash or git revision) and `source_key` (the
-record's id there), in the manifest and in its JSON member.
+`source_revision` (the data's content hash or git revision), `source_key` (the record's
+id there) and `source_license` (a source's licence), in the manifest and its JSON member. A record without a caption
+(an image folder without sidecar texts) gets its label, else the component's name.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class MixComponent(PluginParams):
         registry that holds the recipe."""
         if not isinstance(data, dict) or not data.get("release"):
             return data
+        if _resolved(data.get("source")) and data.get("generator") is None:
+            return data  # a saved recipe read back: the release was expanded when it was first loaded
         if data.get("source") is not None or data.get("generator") is not None:
             raise ValueError("give exactly one of source, release, generator")
         tag = ReleaseTag.parse(str(data["release"]))
@@ -79,7 +82,7 @@ class MixComponent(PluginParams):
     @field_validator("source")
     @classmethod
     def _source(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is None or value.get("params", {}).get("revision"):
+        if value is None or _resolved(value):
             return value  # resolved already (a release component, or a saved recipe re-read)
         return resolve_source_spec("source", value, info)
 
@@ -138,6 +141,7 @@ class Mix(Generator):
         "source": pa.string(),
         "source_revision": pa.string(),
         "source_key": pa.string(),
+        "source_license": pa.string(),
         "width": pa.int32(),
         "height": pa.int32(),
     }
@@ -251,10 +255,10 @@ class Mix(Generator):
             for slot, rank in wanted if rank >= len(order)
         }
         records = source.read([int(order[rank]) for _, rank in inside])
-        revision = source.origin().revision
+        origin = source.origin()
         for (slot, _), record in zip(inside, records, strict=True):
-            out[slot.index] = self._sample(slot, component, "real", revision, record.key, record.label, record.caption,
-                                           dict(record.files), None)
+            out[slot.index] = self._sample(slot, component, "real", origin.revision, origin.license, record.key,
+                                           record.label, record.caption, dict(record.files), None)
         return out
 
     def _from_generator(self, component: MixComponent, generator: Generator,
@@ -266,13 +270,14 @@ class Mix(Generator):
                 out[item.slot.index] = item
                 continue
             label = item.columns.get("label")
-            out[item.slot.index] = self._sample(item.slot, component, "synthetic", revision, item.slot.key,
+            out[item.slot.index] = self._sample(item.slot, component, "synthetic", revision, None, item.slot.key,
                                                 None if label is None else str(label), item.caption, dict(item.files),
                                                 item.group)
         return out
 
-    def _sample(self, slot: SampleSlot, component: MixComponent, default_origin: str, revision: str, key: str,
-                label: str | None, caption: str, files: dict[str, bytes], group: str | None) -> Sample:
+    def _sample(self, slot: SampleSlot, component: MixComponent, default_origin: str, revision: str,
+                license: str | None, key: str, label: str | None, caption: str, files: dict[str, bytes],
+                group: str | None) -> Sample:
         origin = component.origin or default_origin
         image = next((ext for ext in IMAGE_MEMBERS if ext in files), None)
         width = height = None
@@ -281,17 +286,19 @@ class Mix(Generator):
             if image != "png" and self.params.image_size:
                 files["png"] = files.pop(image)
                 image = "png"
+        caption = caption or label or component.label  # the format needs a caption; a bare record has none
+        files["txt"] = caption.encode()
         meta = json.loads(files["json"]) if "json" in files else {}
-        meta.update({"label": label, "origin": origin, "source": component.label, "source_revision": revision,
-                     "source_key": key})
+        provenance = {"origin": origin, "source": component.label, "source_revision": revision, "source_key": key,
+                      "source_license": license}
+        meta.update({"label": label, **provenance})
         files["json"] = json.dumps(meta, sort_keys=True).encode()
         return Sample(
             slot=slot,
             caption=caption,
             files=files,
             payload=image or "json",
-            columns={"label": label, "origin": origin, "source": component.label, "source_revision": revision,
-                     "source_key": key, "width": width, "height": height},
+            columns={"label": label, **provenance, "width": width, "height": height},
             group=group,
         )
 
@@ -306,6 +313,11 @@ class Mix(Generator):
         buffer = io.BytesIO()
         resized.save(buffer, format="PNG", optimize=False)
         return buffer.getvalue(), (wanted, wanted)
+
+
+def _resolved(spec: Any) -> bool:
+    """A source spec whose revision is pinned: resolved at an earlier load."""
+    return isinstance(spec, dict) and isinstance(spec.get("params"), dict) and bool(spec["params"].get("revision"))
 
 
 @functools.lru_cache(maxsize=64)
