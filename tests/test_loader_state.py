@@ -394,3 +394,28 @@ def test_a_mix_with_stateful_dataloader_workers_continues_exactly(releases) -> N
     restarted.load_state_dict(state)
     assert taken + tagged(restarted) == whole
     assert len(set(whole)) == len(whole)  # the workers split each dataset: no sample twice
+
+
+def test_a_checkpoint_at_an_epoch_end_resumes_with_the_next_epoch_whole(releases) -> None:
+    # StatefulDataLoader applies the checkpoint's state when iteration starts, after the
+    # training loop's set_epoch(next): that state must not carry into the new epoch.
+    def loader():
+        made = mix([load("alpha", registry=releases["alpha"], decode="raw", fields=["txt"], cache_bytes=0),
+                    load("beta", registry=releases["beta"], decode="raw", fields=["txt"], cache_bytes=0)],
+                   weights=[1, 1], seed=2)
+        return made, StatefulDataLoader(made, batch_size=4)
+
+    def keys(batches) -> list[str]:
+        return [key for batch in batches for key in batch["__key__"]]
+
+    made, first = loader()
+    made.set_epoch(0)
+    keys(first)  # epoch 0 in full, then the checkpoint
+    state = first.state_dict()
+    fresh_dataset, fresh = loader()
+    fresh_dataset.set_epoch(1)
+    made, restarted = loader()
+    restarted.load_state_dict(state)
+    made.set_epoch(1)
+    expected = keys(fresh)
+    assert keys(restarted) == expected and len(expected) > 50

@@ -123,3 +123,41 @@ def test_a_path_out_of_the_registry_is_refused(tmp_path):
     with pytest.raises(RecipeError, match=r"generator.params.components.0.*path.*inside the registry"):
         load_recipe(recipe)
     assert GENERATORS.get("mix").Params  # the registry holds the mix
+
+
+def test_a_given_revision_does_not_skip_confinement_or_pinning(tmp_path):
+    (tmp_path / "registry" / ".git").mkdir(parents=True)
+    (tmp_path / "outside" / "cat").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "outside" / "cat" / "a.png")
+    out = {"kind": "image-folder", "params": {"path": "../outside", "license": "CC0-1.0", "revision": "anything"}}
+    with pytest.raises(RecipeError, match=r"components.0.*inside the registry"):
+        load_recipe(mix_recipe(tmp_path / "registry", [{"source": out, "weight": 1}], samples=1))
+    inside = tmp_path / "registry" / "photos" / "cat"
+    inside.mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(inside / "a.png")
+    stale = {"kind": "image-folder", "params": {"path": "photos", "license": "CC0-1.0", "revision": "sha256:0"}}
+    with pytest.raises(RecipeError, match=r"components.0.*not the pinned sha256:0"):
+        load_recipe(mix_recipe(tmp_path / "registry", [{"source": stale, "weight": 1}], samples=1))
+
+
+def test_a_record_already_the_size_keeps_its_format_and_an_unreadable_one_is_rejected(tmp_path):
+    folder = tmp_path / "photos" / "cat"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "a.jpg", "JPEG")
+    (folder / "b.png").write_bytes(b"not an image")
+    source = {"kind": "image-folder", "params": {"path": "photos", "license": "CC0-1.0"}}
+    path = mix_recipe(tmp_path, [{"source": source, "weight": 1, "name": "photos"}], samples=2, image_size=32)
+    made = {item.slot.index: item for item in generate(path, range(2))}
+    kept = [item for item in made.values() if isinstance(item, Sample)]
+    rejected = [item for item in made.values() if isinstance(item, Rejection)]
+    assert len(kept) == 1 and kept[0].payload == "jpg" and kept[0].files["jpg"][:3] == b"\xff\xd8\xff"
+    assert "png" not in kept[0].files
+    assert len(rejected) == 1 and rejected[0].reason.startswith("photos record cat__b: unreadable image")
+
+
+def test_a_counts_mix_of_many_samples_assigns_in_linear_time(tmp_path):
+    path = mix_recipe(tmp_path, [{"generator": {"kind": "digits"}, "count": 150_000},
+                                 {"generator": {"kind": "procedural-shapes"}, "count": 50_000}], samples=200_000)
+    mix = plugins_of(load_recipe(path)).generator
+    ranks = [mix._assign(index) for index in range(0, 200_000)]  # quadratic: minutes; linear: about a second
+    assert sorted(rank for component, rank in ranks if component == 1) == list(range(50_000))

@@ -49,8 +49,8 @@ ORIGINS = ("real", "synthetic")
 class MixComponent(PluginParams):
     """One part of a mix: exactly one of `source`, `release`, `generator`; a weight or a count."""
 
-    source: dict[str, Any] | None = Field(None, description="a real-data source: {kind, params}")
     release: str | None = Field(None, description="a release of this registry, e.g. digits@v1 (read at its tag)")
+    source: dict[str, Any] | None = Field(None, description="a real-data source: {kind, params}")
     generator: dict[str, Any] | None = Field(None, description="a generator run now: {kind, params}")
     weight: float | None = Field(None, gt=0, description="share of the rows (weights are normalised)")
     count: int | None = Field(None, ge=1, description="rows per block of sum(counts) slots")
@@ -64,26 +64,29 @@ class MixComponent(PluginParams):
         registry that holds the recipe."""
         if not isinstance(data, dict) or not data.get("release"):
             return data
-        if _resolved(data.get("source")) and data.get("generator") is None:
-            return data  # a saved recipe read back: the release was expanded when it was first loaded
-        if data.get("source") is not None or data.get("generator") is not None:
-            raise ValueError("give exactly one of source, release, generator")
+        if not _loading(info):
+            return data  # built from resolved params: the release was expanded when the recipe loaded
         tag = ReleaseTag.parse(str(data["release"]))
         if tag is None:
             raise ValueError(f"release: {data['release']!r} is not a release tag like digits@v1")
-        base = Path((info.context or {}).get(RECIPE_DIR, ".")).resolve()
+        base = Path(info.context[RECIPE_DIR]).resolve()
         spec = {"kind": "dvc", "params": {
             "repo": os.path.relpath(registry_root(base), base), "path": f"data/{tag.dataset}/shards", "rev": str(tag),
             "format": "webdataset", "license": f"see the {tag} dataset card",
         }}
-        return {**data, "source": resolve_source_spec("release", spec, info), "name": data.get("name") or str(tag),
-                "origin": data.get("origin") or "synthetic"}
+        expanded = resolve_source_spec("release", spec, info)
+        # a saved recipe read back holds the expansion; anything else beside `release` is a second source
+        if data.get("generator") is not None or data.get("source") not in (None, expanded):
+            raise ValueError("give exactly one of source, release, generator")
+        return {**data, "source": expanded, "name": data.get("name") or str(tag), "origin": data.get("origin") or "synthetic"}
 
     @field_validator("source")
     @classmethod
     def _source(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is None or _resolved(value):
-            return value  # resolved already (a release component, or a saved recipe re-read)
+        """At recipe load every source is validated, confined and pinned afresh (a given
+        revision is checked, never trusted); built from resolved params, it is taken as is."""
+        if value is None or not _loading(info) or info.data.get("release"):
+            return value  # (a release's expansion was validated just before)
         return resolve_source_spec("source", value, info)
 
     @field_validator("generator")
@@ -222,15 +225,15 @@ class Mix(Generator):
 
     def _rows_needed(self, position: int, samples: int) -> int:
         full, rest = divmod(samples, int(self.block.sum()))
-        dealt = _deal(self.params.seed, tuple(self.block.tolist()), full)
+        dealt, _ = _deal(self.params.seed, tuple(self.block.tolist()), full)
         return full * int(self.block[position]) + int(np.count_nonzero(dealt[:rest] == position))
 
     def _assign(self, index: int) -> tuple[int, int]:
         """(component, rank): slot `index` is that component's rank-th row."""
         block, offset = divmod(index, int(self.block.sum()))
-        dealt = _deal(self.params.seed, tuple(self.block.tolist()), block)
+        dealt, ranks = _deal(self.params.seed, tuple(self.block.tolist()), block)
         component = int(dealt[offset])
-        return component, block * int(self.block[component]) + int(np.count_nonzero(dealt[:offset] == component))
+        return component, block * int(self.block[component]) + int(ranks[offset])
 
     def generate(self, slots: Sequence[SampleSlot]) -> Iterable[Sample | Rejection]:
         by_component: dict[int, list[tuple[SampleSlot, int]]] = {}
@@ -257,8 +260,11 @@ class Mix(Generator):
         records = source.read([int(order[rank]) for _, rank in inside])
         origin = source.origin()
         for (slot, _), record in zip(inside, records, strict=True):
-            out[slot.index] = self._sample(slot, component, "real", origin.revision, origin.license, record.key,
-                                           record.label, record.caption, dict(record.files), None)
+            try:
+                out[slot.index] = self._sample(slot, component, "real", origin.revision, origin.license, record.key,
+                                               record.label, record.caption, dict(record.files), None)
+            except ImageError as exc:  # one bad file in a real dataset costs one sample, counted, not the shard
+                out[slot.index] = Rejection(slot, f"{component.label} record {record.key}: {exc}")
         return out
 
     def _from_generator(self, component: MixComponent, generator: Generator,
@@ -282,10 +288,9 @@ class Mix(Generator):
         image = next((ext for ext in IMAGE_MEMBERS if ext in files), None)
         width = height = None
         if image is not None:
-            files[image], (width, height) = self._sized(files[image])
-            if image != "png" and self.params.image_size:
-                files["png"] = files.pop(image)
-                image = "png"
+            data, (width, height), resized = self._sized(files.pop(image))
+            image = "png" if resized else image  # re-encoded as PNG; an image already the size keeps its bytes
+            files[image] = data
         caption = caption or label or component.label  # the format needs a caption; a bare record has none
         files["txt"] = caption.encode()
         meta = json.loads(files["json"]) if "json" in files else {}
@@ -302,29 +307,45 @@ class Mix(Generator):
             group=group,
         )
 
-    def _sized(self, data: bytes) -> tuple[bytes, tuple[int, int]]:
-        """The image, resized to `image_size` when it differs (re-encoded as PNG), and its size."""
-        with Image.open(io.BytesIO(data)) as image:
-            size = image.size
-            wanted = self.params.image_size
-            if not wanted or size == (wanted, wanted):
-                return data, size
-            resized = image.convert("RGB").resize((wanted, wanted), Image.Resampling.LANCZOS)
+    def _sized(self, data: bytes) -> tuple[bytes, tuple[int, int], bool]:
+        """The image, resized to `image_size` when it differs (re-encoded as PNG), its size,
+        and whether it was re-encoded. Raises ImageError for bytes that are no image."""
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                size = image.size
+                wanted = self.params.image_size
+                if not wanted or size == (wanted, wanted):
+                    return data, size, False
+                resized = image.convert("RGB").resize((wanted, wanted), Image.Resampling.LANCZOS)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageError(f"unreadable image: {exc}") from None
         buffer = io.BytesIO()
         resized.save(buffer, format="PNG", optimize=False)
-        return buffer.getvalue(), (wanted, wanted)
+        return buffer.getvalue(), (wanted, wanted), True
 
 
-def _resolved(spec: Any) -> bool:
-    """A source spec whose revision is pinned: resolved at an earlier load."""
-    return isinstance(spec, dict) and isinstance(spec.get("params"), dict) and bool(spec["params"].get("revision"))
+class ImageError(ValueError):
+    """A record's image member cannot be read."""
 
 
-@functools.lru_cache(maxsize=64)
-def _deal(seed: int, composition: tuple[int, ...], block: int) -> np.ndarray:
-    """Component of each slot of block `block`: the block's composition, shuffled."""
+def _loading(info: ValidationInfo) -> bool:
+    """True while a recipe loads (its directory is in the context), not when a worker
+    rebuilds the generator from the resolved params."""
+    return RECIPE_DIR in (info.context or {})
+
+
+@functools.lru_cache(maxsize=8)
+def _deal(seed: int, composition: tuple[int, ...], block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Component of each slot of block `block` (the block's composition, shuffled), and
+    each slot's rank among its component's slots in the block: one pass, so a counts mix
+    (one block of every sample) costs O(samples) per process, not O(samples) per slot."""
     order = np.repeat(np.arange(len(composition)), composition)
-    return np.random.default_rng(derive_seed(seed, block)).permutation(order)
+    dealt = np.random.default_rng(derive_seed(seed, block)).permutation(order)
+    ranks = np.empty(len(dealt), dtype=np.int64)
+    for component in range(len(composition)):
+        where = np.flatnonzero(dealt == component)
+        ranks[where] = np.arange(len(where))
+    return dealt, ranks
 
 
 @functools.lru_cache(maxsize=64)

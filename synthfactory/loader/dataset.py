@@ -188,8 +188,14 @@ class ResumableDataset(IterableDataset):
         """(consumer, consumers, progress) of an iteration starting now: the loaded
         state's progress, else the start of the epoch. The iteration advances it."""
         consumer, consumers = self._consumer()
-        if self._loaded is not None:
-            loaded, self._loaded = self._loaded, None
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None and loaded["epoch"] != self.epoch:
+            # StatefulDataLoader loads the checkpoint's state when iteration starts, after the
+            # training loop's set_epoch: a state of an earlier epoch does not carry into this one
+            log.warning("a loaded state of epoch %s is not continued: this iteration is epoch %s "
+                        "(call set_epoch(%s) to continue that epoch)", loaded["epoch"], self.epoch, loaded["epoch"])
+            loaded = None
+        if loaded is not None:
             self._check(loaded)  # again: a state loaded here and pickled into a worker is another consumer's
             progress = copy.deepcopy({name: loaded[name] for name in self._start_of(0)})
         else:

@@ -55,8 +55,10 @@ class MixedDataset(ResumableDataset):
         return f"MixedDataset({', '.join(map(str, self.names))}, stopping={self.stopping!r}, rank {self.rank}/{self.world_size})"
 
     def set_epoch(self, epoch: int) -> None:
-        """The mix and every dataset in it that has epochs."""
+        """The mix and every dataset in it that has epochs (their saved read-ahead states
+        belong to the epoch before)."""
         super().set_epoch(epoch)
+        self._behind = [None] * len(self.datasets)
         for dataset in self.datasets:
             if callable(getattr(dataset, "set_epoch", None)):
                 dataset.set_epoch(epoch)
