@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -103,14 +103,15 @@ class Prices(_Strict):
     usd_per_gpu_hour: float = Field(0.0, ge=0, le=1e6)
 
 
-TAG_OR_DATASET = r"^[A-Za-z0-9][A-Za-z0-9_.@:/+-]{0,127}$"
+#: a generator kind, a model id or a local model path; a release tag or any dataset name
+MAKER_OR_DATA = r"^\S{1,256}$"
 
 
 class LineageModel(_Strict):
     """A model (or generator) that made this release, and what it was trained on."""
 
-    name: str = Field(pattern=TAG_OR_DATASET, description="a generator kind or model id the recipe runs")
-    trained_on: tuple[str, ...] = Field(
+    name: str = Field(pattern=MAKER_OR_DATA, description="a generator kind or model id the recipe runs")
+    trained_on: tuple[Annotated[str, Field(pattern=MAKER_OR_DATA)], ...] = Field(
         (), max_length=64,
         description="releases of this registry (digits@v1: their depth counts) or other datasets (real: depth 0)",
     )
@@ -271,9 +272,12 @@ def parse_recipe(data: Any, source: str = "recipe", recipe_dir: Path | None = No
     except ValidationError as exc:
         lines = _field_lines(exc) + lines
     if generator is not None and recipe is not None and not lines:
-        built = GENERATORS.get(generator.kind).from_params(generator.params)
-        built.recipe_dir = context[RECIPE_DIR]
-        lines += _needs_images(built, checks) + built.plan_problems(recipe.samples)
+        try:  # a source the plan counts may be unreadable: that too is the recipe's problem (exit 2)
+            built = GENERATORS.get(generator.kind).from_params(generator.params)
+            built.recipe_dir = context[RECIPE_DIR]
+            lines += _needs_images(built, checks) + built.plan_problems(recipe.samples)
+        except ValueError as exc:
+            lines.append(f"generator.params: {exc}")
     if lines or recipe is None or generator is None:
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(lines))
     resolved = recipe.model_copy(update={"generator": generator, "checks": tuple(checks)})

@@ -73,7 +73,7 @@ def dvc_remote_config() -> dict[str, str]:
         storage = resolve_storage()
     except StorageError:
         return {}
-    config = {"region": storage.region}
+    config = {"url": storage.remote_url, "region": storage.region}  # the url too: never the one a commit names
     if storage.endpoint_url:
         config["endpointurl"] = storage.endpoint_url
     if storage.access_key and storage.secret_key:

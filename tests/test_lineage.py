@@ -49,6 +49,12 @@ def test_max_depth_becomes_a_gate_limit_and_diversity_is_compared_with_parents()
     assert any("label_entropy" in note and "digits@v1" in note for note in record.notes)
 
 
+def test_a_model_the_recipe_does_not_run_is_a_recipe_error_naming_the_makers():
+    settings = Lineage(models=(LineageModel(name="tiny-sdd", trained_on=("digits@v1",)),), max_depth=1)
+    with pytest.raises(LineageError, match=r"tiny-sdd is not a maker of this recipe; its makers are text-to-image, tiny-sd"):
+        trace(settings, ["text-to-image", "tiny-sd"], [], RELEASES.get, None)
+
+
 def test_a_missing_parent_release_is_a_recipe_error_naming_it():
     settings = Lineage(models=(LineageModel(name="digits", trained_on=("digits@v9",)),))
     with pytest.raises(LineageError, match="digits@v9") as error:

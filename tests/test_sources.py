@@ -336,6 +336,17 @@ def test_hf_datasets_revision_splits_and_refusals(registry: Path) -> None:
     single = build("hf-datasets", {"path": "hf/test"}, registry)
     assert [r.key for r in single.records()] == ["0000000000"]
 
+    # state.json decides which Arrow files load_from_disk opens: none may lie outside the folder
+    state_file = registry / "hf" / "train" / "state.json"
+    state = json.loads(state_file.read_text())
+    arrow = registry / "hf" / "train" / state["_data_files"][0]["filename"]
+    shutil.copy(arrow, registry.parent / "elsewhere.arrow")
+    state["_data_files"][0]["filename"] = "../../../elsewhere.arrow"
+    state_file.write_text(json.dumps(state))
+    assert refusal("hf-datasets", params, registry) == (
+        "path: 'hf' state.json names data file '../../../elsewhere.arrow'; only files of the folder itself are read"
+    )
+
 
 # dvc
 

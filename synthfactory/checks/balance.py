@@ -71,11 +71,12 @@ class Balance(DatasetCheck):
             for label in expected:
                 judged.setdefault(label, 0)
             if any(judged.values()):
-                metrics["kl_divergence"] = round(dv.kl_divergence(judged, expected), 5)
+                metrics["kl_divergence"] = float(f"{dv.kl_divergence(judged, expected):.4g}")  # significant digits:
+                # at a million rows the chance limit is ~1e-5, which fixed decimals would round away
             metrics["share_min"], metrics["share_max"] = (round(s, 4) for s in dv.share_extremes(judged))
             bounds = [p.max_kl] if p.max_kl is not None else []
             if p.significance is not None and len(judged) > 1:
-                bounds.append(round(dv.chance_kl(p.significance, len(judged), sum(judged.values())), 6))
+                bounds.append(float(f"{dv.chance_kl(p.significance, len(judged), sum(judged.values())):.4g}"))
             if bounds and "kl_divergence" in metrics:
                 limits["kl_divergence"] = (None, min(bounds))
             if p.min_share is not None:

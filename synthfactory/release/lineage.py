@@ -51,9 +51,10 @@ def trace(
     registry); `release_metrics(tag)` reads a release's metrics.json (None: no such tag)."""
     declared = {model.name: model.trained_on for model in settings.models}
     notes: list[str] = []
-    undeclared = sorted(set(declared) - set(makers))
-    if undeclared:
-        notes.append(f"lineage.models names {', '.join(undeclared)}, which this recipe does not run: ignored")
+    unknown = sorted(set(declared) - set(makers))
+    if unknown:  # a misspelt name would leave its maker undeclared and max_depth unenforced
+        raise LineageError(f"lineage.models: {', '.join(unknown)} is not a maker of this recipe; "
+                           f"its makers are {', '.join(dict.fromkeys(makers)) or 'none (real data only)'}")
     parent_tags = sorted({*reused_releases, *(t for name in makers for t in declared.get(name, ()) if ReleaseTag.parse(t))})
     parents = []
     depth_of: dict[str, int] = {}

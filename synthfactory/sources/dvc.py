@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 
 from synthfactory import settings
 from synthfactory.files import fsync_tree
+from synthfactory.tags import ReleaseTag
 from synthfactory.sources.base import (
     SOURCES,
     PinnedSourceParams,
@@ -91,6 +92,12 @@ def checkout(repo: str, location: str, rev: str) -> tuple[str, Any]:
         raise SourceError(f"rev: {rev!r} is not a tag, branch or commit of {repo!r}")
     commit = found.stdout.strip()
     return commit, repository_files(repo, location, commit)
+
+
+def is_tag(location: str, name: str) -> bool:
+    """Whether `name` is a tag of the local repository at `location` (not a branch)."""
+    found = subprocess.run(["git", "-C", location, "tag", "--list", name], capture_output=True, text=True)
+    return found.returncode == 0 and found.stdout.strip() == name
 
 
 def local_copy(repo: str, location: str, commit: str, path: str, remote_config: dict[str, str] | None = None) -> Path:
@@ -188,8 +195,11 @@ class Dvc(Source):
         commit = params.revision or checkout(params.repo, location, params.rev)[0]
         name = PurePosixPath(params.path).name
         source = SOURCES.get(params.format)(params.format_params(name))
-        # this registry's own releases live in the factory's S3: read them with its settings
-        own = not is_remote(params.repo) and Path(location) == registry_root(self.recipe_dir or Path.cwd()).resolve()
+        # this registry's own releases live in the factory's S3: read them with its settings,
+        # but only at a release tag, whose DVC config the factory wrote (a branch could name
+        # another endpoint, and DVC would send our key there)
+        own = (not is_remote(params.repo) and Path(location) == registry_root(self.recipe_dir or Path.cwd()).resolve()
+               and ReleaseTag.parse(params.rev) is not None and is_tag(location, params.rev))
         source.recipe_dir = local_copy(params.repo, location, commit, params.path,
                                        settings.dvc_remote_config() if own else None)
         return source

@@ -64,6 +64,7 @@ class HFDatasetParams(PinnedSourceParams):
         registry, and the data must have the image column."""
         root = data_path("path", self.path, info, directory=True)
         folder = dataset_folder(root, self.path, self.split)
+        check_state_file(folder, self.path)
         files = sorted(path for path in folder.iterdir() if path.suffix in SAVED_SUFFIXES)
         for path in files:
             data_path("path", f"{self.path}/{path.relative_to(root).as_posix()}", info, directory=False)
@@ -77,6 +78,21 @@ class HFDatasetParams(PinnedSourceParams):
             raise SourceError(f"path: {data_files[0].name} is not an Arrow file save_to_disk wrote ({exc})") from None
         image_columns(schema, self.image_column, None, None, self.path)
         return content_hash(files, root)
+
+
+def check_state_file(folder: Path, given: str) -> None:
+    """load_from_disk opens the data files state.json names: each must be a file of the
+    folder itself (hashed into the revision), never a path leading elsewhere."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"path: {given!r} has no readable state.json ({exc})") from None
+    for entry in state.get("_data_files", []) if isinstance(state, dict) else []:
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise SourceError(f"path: {given!r} state.json names data file {name!r}; only files of the folder itself are read")
+        if not (folder / name).is_file():
+            raise SourceError(f"path: {given!r} state.json names {name!r}, which the folder lacks")
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,7 @@ class HFDataset(Source):
 
         params = self.params
         folder = dataset_folder(self.resolve(params.path), params.path, params.split)
+        check_state_file(folder, params.path)
         try:
             dataset = load_from_disk(str(folder))
         except (OSError, ValueError) as exc:

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, model_validator
 
 from synthfactory.digits import GRID, digit_image
-from synthfactory.sources.base import SOURCES, PinnedSourceParams, Record, Source, SourceError
+from synthfactory.sources.base import SOURCES, PinnedSourceParams, Record, Source
 
 CLASSES = tuple(str(d) for d in range(10))
 
@@ -28,13 +28,11 @@ def _load() -> tuple[np.ndarray, np.ndarray, str]:
     """(grids, targets, revision), read once per process; the revision names the
     scikit-learn version and hashes the arrays, so changed data is never read silently.
 
-    scikit-learn is imported here, not at module level: it is no declared dependency of
-    the factory, and discovering sources imports every source module."""
-    try:
-        import sklearn
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise SourceError("sklearn-digits: needs scikit-learn (pip install scikit-learn)") from None
+    scikit-learn is imported here, not at module level: discovering sources imports every
+    source module, and the import costs a second."""
+    import sklearn
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     grids = np.ascontiguousarray(digits.data.reshape(-1, GRID, GRID).astype(np.uint8))
     targets = np.ascontiguousarray(digits.target.astype("<i8"))
