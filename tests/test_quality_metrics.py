@@ -214,3 +214,26 @@ def test_several_kinds_in_table_order() -> None:
 )
 def test_no_false_positives(text: str) -> None:
     assert find_pii(text) == []
+
+
+def test_balance_kl_limit_is_what_chance_allows_at_the_row_count() -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from synthfactory.checks import CHECKS, DatasetView
+
+    shapes = ("circle", "hexagon", "square", "star", "triangle")
+    balance = CHECKS.get("balance").from_params({"attributes": []})
+
+    def judged(rows: int, weights: list[float]) -> tuple[float, float]:
+        labels = np.random.default_rng(0).choice(shapes, size=rows, p=weights)
+        findings = balance.evaluate(DatasetView(pa.table({"label": labels}), shapes), None)
+        return findings.metrics["kl_divergence"], findings.limits["kl_divergence"][1]
+
+    kl, limit = judged(100, [0.2] * 5)  # a fair run of 100: KL ~0.02 is chance (a fixed 0.01 failed it)
+    assert kl <= limit and limit == pytest.approx(18.467 / 200, rel=1e-3)
+    skewed = [0.24, 0.19, 0.19, 0.19, 0.19]
+    kl, limit = judged(100, skewed)
+    assert kl <= limit  # 100 rows cannot show a 4-point skew
+    kl, limit = judged(50_000, skewed)
+    assert kl > limit  # 50,000 can
