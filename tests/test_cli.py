@@ -129,8 +129,13 @@ def test_runs_share_one_local_prefect_server_and_a_failed_gate_is_one_message(tm
 
     home = tmp_path / "data" / "prefect"
     env = {"SYNTHFACTORY_DATA_DIR": str(tmp_path / "data"), "PREFECT_HOME": str(home), "PREFECT_API_URL": ""}
-    recipe = yaml.safe_load((repo_root / "recipes" / "shapes.yaml").read_text())
-    recipe.update(name="skewed", samples=20, shard_size=20)
+    # Half the slots go to scenes that cannot be placed (rejected): the achieved source
+    # shares are skewed far past chance, so the gate's share test fails naming the source.
+    crowded = {"max_objects": 8, "max_overlap": 0.0, "placement_attempts": 1}
+    recipe = {"name": "skewed", "samples": 100, "shard_size": 100, "validation": {"min_accept_rate": 0.0},
+              "generator": {"kind": "mix", "params": {"components": [
+                  {"generator": {"kind": "procedural-shapes", "params": crowded}, "weight": 1, "name": "crowded"},
+                  {"generator": {"kind": "procedural-shapes"}, "weight": 1, "name": "plain"}]}}}
     path = tmp_path / "skewed.yaml"
     path.write_text(yaml.safe_dump(recipe))
     try:
@@ -148,7 +153,7 @@ def test_runs_share_one_local_prefect_server_and_a_failed_gate_is_one_message(tm
         assert "Traceback" not in output and "temporary server" not in output
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith("error: validation gate failed for skewed")
-        assert "e.g. [label=" in result.stderr  # rich markup did not eat the example
+        assert "e.g. [p_value=" in result.stderr and "source='crowded'" in result.stderr  # rich markup did not eat it
         # the Data Docs outlive the stage (the next run reuses it): a kept copy, linked
         data_docs = Path(urllib.parse.urlparse(errors[0].split("(Data Docs: ")[1].split(")")[0]).path)
         assert data_docs.is_relative_to(tmp_path / "data" / "reports" / "skewed") and data_docs.is_file()
