@@ -164,7 +164,7 @@ def test_synclr_recipe_releases_end_to_end(tiny, tmp_path, storage_env, prefect)
     assert "recipes/synclr/examples.yaml" in dvc_yaml and "synthfactory/generators/llm_captions.py" in dvc_yaml
     assert "--set" in dvc_yaml
     metrics = json.loads((release / "metrics.json").read_text())
-    assert set(metrics["quality"]) == {"dedup", "diversity", "balance"} and metrics["quality"]["diversity"]["vendi"] >= 1
+    assert set(metrics["quality"]) == {"dedup", "diversity", "balance", "lineage"} and metrics["quality"]["diversity"]["vendi"] >= 1
     assert 1 <= metrics["quality"]["diversity"]["vendi_images"] <= len(manifest)
     assert (release / "report" / "index.html").exists()
     card = (release / "README.md").read_text()

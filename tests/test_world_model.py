@@ -266,7 +266,7 @@ def test_worldmodel_recipe_releases_gates_and_publishes(svd, tmp_path, storage_e
     checked, problems = verify_release(release)
     assert problems == [] and checked == len(manifest)
     metrics = json.loads((release / "metrics.json").read_text())
-    assert set(metrics["quality"]) == {"clip-dedup"}
+    assert set(metrics["quality"]) == {"clip-dedup", "lineage"}
     assert 'alt="filmstrip"' in (release / "report" / "index.html").read_text()
     clips = list(load("worldmodel", registry=registry, version=1, fields=["mp4", "context.mp4"], shuffle=False,
                       cache_dir=tmp_path / "cache"))
