@@ -25,6 +25,7 @@ from typing import Any
 
 from pydantic import Field, ModelWrapValidatorHandler, ValidationError, ValidationInfo, model_validator
 
+from synthfactory.files import file_digest
 from synthfactory.plugins import RECIPE_DIR, Plugin, PluginParams, PluginSpec, Registry, UnknownPluginError
 
 #: the most records one source may hold (each has an index entry in memory)
@@ -197,14 +198,10 @@ def member_text(record: str, member: str, data: bytes) -> str:
 
 
 def content_hash(files: Sequence[Path], root: Path) -> str:
-    """sha256 over (relative path, size, content) of `files`: the local data's revision."""
+    """sha256 over (relative path, file digest) of `files`: the local data's revision."""
     digest = hashlib.sha256()
     for path in sorted(files):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(str(path.stat().st_size).encode() + b"\0")
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
+        digest.update(f"{path.relative_to(root).as_posix()}\0{file_digest(path)}\n".encode())
     return "sha256:" + digest.hexdigest()
 
 
