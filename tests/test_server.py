@@ -405,7 +405,9 @@ def test_the_ui_tells_each_release_story(live_server, browser, tmp_path):
     with temporary_settings({PREFECT_API_URL: live_server.api_url}):
         skipped = run_deployment("release/shapes", parameters={"samples": 200, "overrides": ["shard_size=50"]},
                                  timeout=300, poll_interval=1)
-        failed = run_deployment("release/shapes", parameters={"samples": 20, "overrides": ["shard_size=20"]},
+        # captions of 10-30 characters: every shapes caption is longer, so the gate fails whatever the sample size
+        failed = run_deployment("release/shapes", parameters={"samples": 20, "overrides": [
+            "shard_size=20", "validation.caption_length.min=10", "validation.caption_length.max=30"]},
                                 timeout=300, poll_interval=1)
     assert skipped.state.is_completed() and skipped.name == "shapes: skipped (shapes@v2 is current)"
     assert failed.state.is_failed() and failed.name == "shapes: failed"
