@@ -9,9 +9,13 @@ line; the completion's first line is the caption.
 Two backends. `transformers` (the default) runs the LM in the shard's process. Sampling
 is per sample: temperature and top-p are applied as logits processors and the token is
 drawn by adding Gumbel noise from the sample's own `torch.Generator` and taking the argmax
-(exactly a draw from the truncated softmax). So a caption depends on its seed, not on the
+(exactly a draw from the truncated softmax). The generator lives on the model's device,
+so the noise is drawn there (no per-step vocabulary-sized copy from the CPU); on CPU the
+draws are the same as a CPU generator's. So a caption depends on its seed, not on the
 batch it shared or on the global RNG, and a rerun on the same hardware reproduces it;
-batching with left padding keeps the accelerator busy.
+batching with left padding keeps the accelerator busy. `temperature: 0` is greedy
+decoding (the argmax token at every step, top-p ignored, no noise drawn), as OpenAI and
+transformers users expect.
 
 `openai` sends the same prompts to an OpenAI-compatible server (vLLM, SGLang, TGI,
 `transformers serve`, a hosted API), a shard's requests concurrently, each with the
@@ -142,8 +146,10 @@ class LLMCaptionParams(GeneratorParams, models.ModelSettings):
     examples_file: str | None = None
     examples_per_prompt: int = Field(3, ge=0, le=32)
     instruction: str = Field("", description="text put before the examples")
-    temperature: float = Field(0.8, gt=0, le=10)
-    top_p: float = Field(0.95, gt=0, le=1)
+    temperature: float = Field(0.8, ge=0, le=10, description="softmax temperature; 0: greedy (argmax "
+                               "tokens, top_p ignored, the same caption for every seed given the prompt)")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling: keep the smallest top set of "
+                         "tokens whose probability reaches top_p; 1: the whole vocabulary")
     max_new_tokens: int = Field(64, ge=1, le=4096)
     batch_size: int = Field(32, ge=1, le=4096)
 
@@ -202,24 +208,35 @@ def _load_lm(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _seeded_sampler(seeds: Sequence[int], temperature: float, top_p: float) -> Any:
-    """Temperature + top-p, then per-row Gumbel noise: argmax of the result is a sample."""
+def _seeded_sampler(seeds: Sequence[int], temperature: float, top_p: float, device: Any = "cpu") -> Any:
+    """Temperature + top-p, then per-row Gumbel noise: argmax of the result is a sample.
+
+    Each row's noise comes from its own `torch.Generator` on `device` (the model's), seeded
+    with the row's seed, so a row's draws depend on its seed alone, never on the batch, and
+    nothing vocabulary-sized crosses from the CPU each step. On CPU the draws equal those
+    of `torch.rand(vocab, generator=torch.Generator().manual_seed(seed))`.
+    """
     import torch
     from transformers import LogitsProcessor
 
+    device = torch.device(device)
+
     class SeededSampler(LogitsProcessor):
         def __init__(self) -> None:
-            self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+            self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
         def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
             scores = scores.float() / temperature
-            ordered, order = scores.sort(dim=-1, descending=True)
-            probs = ordered.softmax(dim=-1)
-            drop_sorted = (probs.cumsum(dim=-1) - probs) > top_p  # keeps at least the top token
-            drop = drop_sorted.scatter(-1, order, drop_sorted)
-            uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
-            gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-            return scores.masked_fill(drop, float("-inf")) + gumbel.to(scores.device)
+            if top_p < 1.0:
+                ordered, order = scores.sort(dim=-1, descending=True)
+                probs = ordered.softmax(dim=-1)
+                drop_sorted = (probs.cumsum(dim=-1) - probs) > top_p  # keeps at least the top token
+                scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+            uniform = torch.empty(scores.shape, dtype=torch.float32, device=device)
+            for row, generator in zip(uniform, self.generators, strict=True):
+                row.uniform_(generator=generator)  # one row per sample, from the sample's own stream
+            gumbel = uniform.clamp_(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
+            return scores + gumbel.to(scores.device)
 
     return SeededSampler()
 
@@ -227,7 +244,9 @@ def _seeded_sampler(seeds: Sequence[int], temperature: float, top_p: float) -> A
 @GENERATORS.register("llm-captions")
 class LLMCaptions(models.UsesModel, Generator):
     Params = LLMCaptionParams
-    version = "2"  # 2: token counts in each sample's json
+    # 2: token counts in each sample's json; 3: sampling noise drawn on the model's device (the same
+    # captions on CPU, other ones on a GPU than 2 drew there), temperature 0 = greedy
+    version = "3"
     # the client cuts completions at stop strings; the cache returns what it kept
     code = ("synthfactory.models", "synthfactory.generators.inputs", "synthfactory.serving.params",
             "synthfactory.serving.endpoint", "synthfactory.serving.cache", "synthfactory.usage")
@@ -337,15 +356,18 @@ class LLMCaptions(models.UsesModel, Generator):
             lm, tokenizer = _load_lm(self.model.path, self.device, p.dtype)
             encoded = tokenizer([q.text for q in prompts], return_tensors="pt", padding=True).to(self.device)
             config = GenerationConfig(
-                do_sample=False,  # the sampler below draws; argmax just reads its draw
+                do_sample=False,  # greedy, or the sampler below draws and argmax just reads its draw
                 max_new_tokens=p.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=lm.generation_config.eos_token_id,
                 bos_token_id=lm.generation_config.bos_token_id,
             )
-            sampler = _seeded_sampler([q.slot.seed for q in prompts], p.temperature, p.top_p)
+            processors = LogitsProcessorList()
+            if p.temperature > 0:  # 0: greedy, the argmax of the logits themselves
+                seeds = [q.slot.seed for q in prompts]
+                processors.append(_seeded_sampler(seeds, p.temperature, p.top_p, lm.device))
             with torch.inference_mode():
-                output = lm.generate(**encoded, generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+                output = lm.generate(**encoded, generation_config=config, logits_processor=processors)
         new_tokens = output[:, encoded["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         prompt_counts = encoded["attention_mask"].sum(dim=1).tolist()

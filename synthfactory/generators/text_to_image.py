@@ -8,14 +8,20 @@ images; they share the caption's key as their group and have keys ``<caption key
 Every image has its own CPU `torch.Generator` seeded from (caption seed, j): the initial
 latents, and so the image, do not depend on the batch or the device's RNG. Batches span
 captions; on a GPU the pipeline runs in half precision with PyTorch's fused attention
-(the diffusers default) and, if asked, a compiled UNet.
+(the diffusers default), a channels-last UNet (`channels_last`, on by default) and, if
+asked, a compiled UNet (`compile`). A batch's images are PNG/JPEG-encoded on a background
+thread while the next batch denoises (`overlap_encoding`; PIL's encoders release the
+GIL): the bytes and their order are the same as encoding each batch in turn, and at most
+one batch waits to be encoded.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +42,10 @@ class TextToImageParams(GeneratorParams, models.ModelSettings):
                           "else the class the model's model_index.json declares")
     scheduler: str | None = Field(None, description="diffusers scheduler class; default: the model's own")
     compile: bool = Field(False, description="torch.compile the UNet (GPU; pays off on long runs)")
+    channels_last: bool = Field(True, description="UNet in channels-last memory format on CUDA (usually faster "
+                                "convolutions in half precision); ignored off CUDA")
+    overlap_encoding: bool = Field(True, description="encode a batch's images on a background thread while the "
+                                   "next batch denoises; the same bytes either way")
     images_per_caption: int = Field(4, ge=1, le=64)
     guidance_scale: float = Field(7.5, ge=0, le=50)
     steps: int = Field(50, ge=1, le=1000)
@@ -61,7 +71,8 @@ class TextToImageParams(GeneratorParams, models.ModelSettings):
 
 
 @models.load_once
-def _load_pipeline(path: Path, pipeline: str, scheduler: str | None, device: str, dtype: str, compile: bool) -> Any:
+def _load_pipeline(path: Path, pipeline: str, scheduler: str | None, device: str, dtype: str, compile: bool,
+                   channels_last: bool = True) -> Any:
     import diffusers
     import torch
 
@@ -80,7 +91,8 @@ def _load_pipeline(path: Path, pipeline: str, scheduler: str | None, device: str
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if device.startswith("cuda"):
-        pipe.unet.to(memory_format=torch.channels_last)
+        if channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
         if compile:
             pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
     return pipe
@@ -135,7 +147,8 @@ class TextToImage(models.UsesModel, Generator):
 
     def pipeline(self) -> Any:
         p = self.params
-        return _load_pipeline(self.model.path, p.pipeline, p.scheduler, self.device, p.dtype, p.compile)
+        return _load_pipeline(self.model.path, p.pipeline, p.scheduler, self.device, p.dtype, p.compile,
+                              p.channels_last)
 
     def render(self, captions: Sequence[str], seeds: Sequence[int]) -> list[Any]:
         """One PIL image per seed; seeds are grouped by caption, images_per_caption each."""
@@ -155,7 +168,55 @@ class TextToImage(models.UsesModel, Generator):
             ).images
 
     def generate(self, slots: Sequence[SampleSlot]) -> Iterator[Sample | Rejection]:
+        """Samples and rejections in the order a batch-by-batch loop yields them: a caption's
+        rejection as soon as it is seen, a batch's images once they are drawn and encoded.
+
+        With `overlap_encoding`, batch n's images are encoded on one background thread
+        while batch n+1 denoises; its samples, and the rejections seen after its last
+        caption, are yielded once batch n+1 is drawn (or at the end). At most one batch's
+        encoding is pending."""
         per_batch = self.params.batch_size // self.params.images_per_caption
+        if not self.params.overlap_encoding:
+            yield from self._serial(slots, per_batch)
+            return
+        # what is drawn but not yet yielded: one batch's encoding, then rejections seen after it
+        waiting: deque[Future[list[Sample]] | Rejection] = deque()
+
+        def drain() -> Iterator[Sample | Rejection]:
+            while waiting:
+                head = waiting.popleft()
+                if isinstance(head, Future):
+                    yield from head.result()
+                else:
+                    yield head
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-encode") as encoder:
+            try:
+                pending: list[Sample] = []
+                for item in self.captions.generate(slots):
+                    if isinstance(item, Rejection):
+                        if waiting:
+                            waiting.append(item)  # after the batch still being encoded
+                        else:
+                            yield item
+                        continue
+                    pending.append(item)
+                    if len(pending) == per_batch:
+                        drawn = self._render_batch(pending)  # the device works while the encoder does
+                        yield from drain()
+                        waiting.append(encoder.submit(self._package, *drawn))
+                        pending = []
+                if pending:
+                    drawn = self._render_batch(pending)
+                    yield from drain()
+                    waiting.append(encoder.submit(self._package, *drawn))
+                yield from drain()
+            finally:
+                for item in waiting:  # stopped early or failed: do not encode what nobody will read
+                    if isinstance(item, Future):
+                        item.cancel()
+
+    def _serial(self, slots: Sequence[SampleSlot], per_batch: int) -> Iterator[Sample | Rejection]:
         pending: list[Sample] = []
         for item in self.captions.generate(slots):
             if isinstance(item, Rejection):
@@ -170,11 +231,20 @@ class TextToImage(models.UsesModel, Generator):
 
     def draw(self, captions: list[Sample]) -> Iterator[Sample]:
         """images_per_caption image samples per caption sample, grouped under the caption key."""
-        p = self.params
-        k = p.images_per_caption
+        yield from self._package(*self._render_batch(captions))
+
+    def _render_batch(self, captions: list[Sample]) -> tuple[list[Sample], list[int], list[Any], str]:
+        """The device's part of a batch: its captions, image seeds, PIL images and scheduler name."""
+        k = self.params.images_per_caption
         seeds = [derive_seed(c.slot.seed, j) for c in captions for j in range(k)]
         images = self.render([c.caption for c in captions], seeds)
-        scheduler = type(self.pipeline().scheduler).__name__
+        return captions, seeds, images, type(self.pipeline().scheduler).__name__
+
+    def _package(self, captions: list[Sample], seeds: list[int], images: list[Any], scheduler: str) -> list[Sample]:
+        """The CPU's part: encode each image and build its sample (thread-safe: touches no model)."""
+        p = self.params
+        k = p.images_per_caption
+        samples = []
         for n, (image, seed) in enumerate(zip(images, seeds, strict=True)):
             caption = captions[n // k]
             slot = SampleSlot(caption.slot.index, f"{caption.slot.key}-{n % k}", seed)
@@ -195,4 +265,7 @@ class TextToImage(models.UsesModel, Generator):
                 "txt": caption.caption.encode(),
                 "json": json.dumps(columns, sort_keys=True).encode(),
             }
-            yield Sample(slot, caption.caption, files, payload=p.image_format, columns=columns, group=caption.slot.key)
+            samples.append(
+                Sample(slot, caption.caption, files, payload=p.image_format, columns=columns, group=caption.slot.key)
+            )
+        return samples
