@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import time
 from collections import deque
@@ -26,24 +27,27 @@ from prefect.futures import as_completed
 from prefect.context import refresh_global_settings_context
 from prefect.exceptions import CancelledRun, FailedRun
 from prefect.settings import PREFECT_API_URL
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from synthfactory import settings
 from synthfactory.live import FeedWriter
 from synthfactory.local_api import ensure_local_api, ui_url
 from synthfactory.models import ModelError
 from synthfactory.progress import ShardProgress
-from synthfactory.recipe import DASK_ADDRESS_PATTERN, MAX_SAMPLES, MAX_SEED, MAX_WORKERS, Execution, RecipeError
+from synthfactory.recipe import DASK_ADDRESS_PATTERN, MAX_SAMPLES, MAX_SEED, MAX_WORKERS, RecipeError
 from synthfactory.registry import RegistryError
 from synthfactory.release.build import ShardFailedError, ShardResult
+from synthfactory.release.early_push import EarlyPush
 from synthfactory.release.cost import BudgetExceededError, describe_usage, shards_cost
 from synthfactory.release.gate import GateFailedError
 from synthfactory.release.links import browser_link, keep_failed_report
 from synthfactory.release.job import (
-    ReleaseJob, ReleaseRequest, discard, latest_release_with_inputs, prepare, release_locks,
+    ReleaseJob, ReleaseRequest, discard, latest_release_with_inputs, prepare, prepare_started, release_locks,
 )
 from synthfactory.release.report import gate_failure_markdown, run_markdown, skip_markdown
 from synthfactory.release.summary import RunStats, RunSummary
+from synthfactory.release import workers as shard_workers
+from synthfactory.release.workers import ShardWorkers
 from synthfactory.storage import StorageError
 from synthfactory.validation import GateResult, prefetch_gx
 from tasks.generate import generate_shard
@@ -160,29 +164,13 @@ def _say(message: str, *args: Any) -> None:
     get_run_logger().info(message, *args)
 
 
-def task_runner_for(execution: Execution, shards_to_generate: int) -> TaskRunner:
-    """The recipe's choice of where shards run. Models load once per worker process
-    (plug-ins are cached per process), whichever runner it is. One shard (or none: all
-    in the cache) runs in this process: a pool of processes would only add their start."""
-    if execution.runner == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        if execution.dask_address:
-            return DaskTaskRunner(address=execution.dask_address)
-        workers = execution.workers or os.cpu_count() or 1
-        return DaskTaskRunner(cluster_kwargs={
-            "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
-        })
-    if execution.runner == "thread" or shards_to_generate <= 1:
-        return ThreadPoolTaskRunner(max_workers=execution.workers if shards_to_generate > 1 else 1)
-    return ProcessPoolTaskRunner(max_workers=execution.workers)
-
-
-def generate_shards(job: ReleaseJob, runner: TaskRunner) -> list[ShardResult]:
-    """Fan the shards out over `runner` (all at once, or, while a live reader lags by
+def generate_shards(job: ReleaseJob, workers: ShardWorkers, early_push: EarlyPush | None = None) -> list[ShardResult]:
+    """Fan the shards out over `workers` (all at once, or, while a live reader lags by
     `max_unread_shards`, no more than it can take); each finished shard is announced on
     the live feed at once. Shards the cache already holds return at once. The shard
-    tasks are the release run's own, so the UI shows them (and the progress) on it."""
+    tasks are the release run's own threads, so the UI shows them (and the progress) on
+    it; each finished shard costs the flow host the same whatever the shard count, and
+    a publishing run pushes it to the remote at once (`early_push`)."""
     execution = job.execution
     generate = generate_shard.with_options(retries=execution.retries, retry_delay_seconds=execution.retry_delays())
     pending = deque(job.shard_keys)
@@ -192,19 +180,23 @@ def generate_shards(job: ReleaseJob, runner: TaskRunner) -> list[ShardResult]:
     progress_id = create_progress_artifact(
         0.0, key=f"{_artifact_key(job)}-progress", description=f"shards of {job.recipe.name} finished (%)"
     )
+    finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
     in_flight: dict[Any, Any] = {}
     results: list[ShardResult] = []
     try:
-        with runner, ShardProgress(job.recipe.name, len(pending)) as progress:
+        with ThreadPoolTaskRunner(max_workers=workers.slots) as runner, \
+                ShardProgress(job.recipe.name, len(pending)) as progress:
             while pending or in_flight:
                 while pending and not feed.must_wait(len(in_flight)):
                     plan, key = pending.popleft()
-                    parameters = {"recipe": job.recipe, "plan": plan, "cache": job.cache, "key": key}
-                    in_flight[runner.submit(generate, parameters)] = plan
+                    parameters = {"workers": workers, "recipe": job.recipe, "plan": plan, "cache": job.cache, "key": key}
+                    future = runner.submit(generate, parameters)
+                    in_flight[future] = plan
+                    future.add_done_callback(finished.put)
                 if not in_flight:
                     time.sleep(READER_POLL_S)
                     continue
-                future = next(as_completed(list(in_flight)))
+                future = finished.get()
                 plan = in_flight.pop(future)
                 try:
                     result = future.result()
@@ -218,6 +210,8 @@ def generate_shards(job: ReleaseJob, runner: TaskRunner) -> list[ShardResult]:
                 _within_budget(job, results)
                 shard, manifest = job.cache.shard_files(result.key, result.name)
                 feed.shard_ready(result.name, shard, result.samples, manifest)
+                if early_push is not None:
+                    early_push.shard_ready(shard, manifest)
                 progress.shard_done(result.samples)
                 update_progress_artifact(progress_id, 100.0 * len(results) / feed.feed.total_shards)
     except BaseException as exc:
@@ -342,13 +336,27 @@ def _release(job: ReleaseJob) -> RunSummary:
     prefetch_gx()  # the gate process imports GX on another core while the shards generate
 
     started = time.perf_counter()
-    to_generate = sum(job.cache.lookup(key) is None for _, key in job.shard_keys)
-    runner = task_runner_for(job.execution, to_generate)
-    recipe = job.recipe
-    _say("plan: %d samples of %s in %d shards of %d; %d to generate, %d finished earlier (reused); %s",
-         recipe.samples, recipe.name, recipe.shard_count, recipe.shard_size, to_generate,
-         recipe.shard_count - to_generate, _runner_text(job.execution, to_generate))
-    results = generate_shards(job, runner)
+    early_push = EarlyPush(settings.resolve_storage()) if publish else None
+    try:
+        to_generate = job.shards_to_generate
+        workers = shard_workers.take(job.work_dir) or ShardWorkers.start(job.execution, job.recipe, to_generate)
+        recipe = job.recipe
+        _say("plan: %d samples of %s in %d shards of %d; %d to generate, %d finished earlier (reused); %s",
+             recipe.samples, recipe.name, recipe.shard_count, recipe.shard_size, to_generate,
+             recipe.shard_count - to_generate, workers.description)
+        return _generated_release(job, summary, started, workers, early_push)
+    finally:
+        if early_push is not None:
+            early_push.cancel()  # uploads still queued when the run fails
+
+
+def _generated_release(job: ReleaseJob, summary: RunSummary, started: float, workers: ShardWorkers,
+                       early_push: EarlyPush | None) -> RunSummary:
+    publish = job.request.publish
+    try:
+        results = generate_shards(job, workers, early_push)
+    finally:
+        workers.close()
     run = RunStats.of(results, time.perf_counter() - started)
     summary.stage_seconds["generate"] = run.seconds
     _say("generated: %d shards made, %d reused, %d shard retries in %.1f s",
@@ -372,6 +380,8 @@ def _release(job: ReleaseJob) -> RunSummary:
         _say("cost and usage: %s", summary.usage)
     with _timed(summary, "publish" if publish else "materialize"):
         if publish:
+            if early_push is not None:
+                _say("early push: %s", early_push.finish().describe())
             published = publish_release(job, staged)
             summary.tag, summary.commit, summary.push_retries = published.tag, published.commit, published.push_retries
         else:
@@ -421,16 +431,6 @@ def _gate_failed(job: ReleaseJob, gate: GateResult) -> NoReturn:
     )
 
 
-def _runner_text(execution: Execution, shards_to_generate: int) -> str:
-    """Where `task_runner_for` runs the shards, in words."""
-    if execution.runner == "dask":
-        return f"on the Dask scheduler at {execution.dask_address}" if execution.dask_address else "on a local Dask cluster"
-    if shards_to_generate <= 1:
-        return "in this process"
-    workers = execution.workers or os.cpu_count() or 1
-    return f"on {workers} {'threads' if execution.runner == 'thread' else 'worker processes'}"
-
-
 @contextmanager
 def _timed(summary: RunSummary, stage: str) -> Iterator[None]:
     started = time.perf_counter()
@@ -449,17 +449,22 @@ def run_release(
     dask_address: str | None = None,
     force: bool = False,
 ) -> RunSummary:
-    """Check the inputs, then run the flow (on the configured Prefect API, else a local
-    one). Bad input fails here, before Prefect starts."""
+    """Check the inputs and start the shard workers, then run the flow (on the configured
+    Prefect API, else a local one). Bad input fails here, before Prefect starts."""
     request = ReleaseRequest(recipe_path, registry, samples, seed, publish, tuple(overrides or ()), workers, dask_address,
                              force)
-    job = prepare(request)
+    return run_prepared(prepare_started(request))
+
+
+def run_prepared(job: ReleaseJob) -> RunSummary:
+    """Run the flow for a job `prepare` checked (and whose workers may be starting)."""
     token = _PREPARED.set(job)
     try:
         with prefect_api():
-            return release_flow(**request.parameters())
+            return release_flow(**job.request.parameters())
     finally:
         _PREPARED.reset(token)
+        shard_workers.close_unused(job.work_dir)
         release_locks(job)  # the flow did, unless it never started
 
 

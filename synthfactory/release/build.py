@@ -43,6 +43,8 @@ class ShardResult:
     worker: str = ""  # host:pid that produced it in this run
     device: str = "cpu"
     usage: dict[str, float] = field(default_factory=dict)  # what making it used (recorded: also when reused)
+    messages: tuple[str, ...] = ()  # warnings a worker process logged while making it (for the run's logs)
+    cpu_seconds: float = 0.0  # CPU time the worker spent on it in this run (its process's, or its thread's)
 
 
 def run_checks(checks: tuple[Check, ...], samples: list[Sample]) -> tuple[list[Sample], list[Rejection]]:

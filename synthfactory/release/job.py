@@ -33,6 +33,7 @@ from synthfactory.release.lineage import trace_lineage
 from synthfactory.release.bundle import PluginBundle, plugins_of
 from synthfactory.release.fingerprint import CodeFile, code_files, code_version, inputs_fingerprint, shard_keys
 from synthfactory.release.recovery import OWNER_FILE, recover_interrupted
+from synthfactory.release import workers as shard_workers
 from synthfactory.release.shard_cache import ShardCache
 from synthfactory.shards import ShardPlan, plan_shards
 from synthfactory.storage import ensure_bucket
@@ -126,6 +127,11 @@ class ReleaseJob:
         plans = self.plans()
         return list(zip(plans, shard_keys(self.recipe, self.code_version, plans), strict=True))
 
+    @functools.cached_property
+    def shards_to_generate(self) -> int:
+        """Shards the cache does not hold yet (counted once, when the run starts)."""
+        return sum(self.cache.lookup(key) is None for _, key in self.shard_keys)
+
     @property
     def inputs_fingerprint(self) -> str:
         """Hash of everything the release's bytes depend on, not of how it runs."""
@@ -211,6 +217,18 @@ def prepare(request: ReleaseRequest) -> ReleaseJob:
         raise
     _HELD_LOCKS[work_dir] = (run_lock, owner) if owner is not None else (run_lock,)
     registry.lend_locks(_HELD_LOCKS[work_dir])
+    return job
+
+
+def prepare_started(request: ReleaseRequest) -> ReleaseJob:
+    """`prepare` the job and start its workers at once, for its flow to take (`take`):
+    they import and build plug-ins while the flow host starts Prefect."""
+    job = prepare(request)
+    try:
+        shard_workers.started(job.work_dir, shard_workers.ShardWorkers.start(job.execution, job.recipe, job.shards_to_generate))
+    except BaseException:
+        release_locks(job)
+        raise
     return job
 
 

@@ -22,6 +22,7 @@ class RunStats:
     shards_generated: int
     shards_reused: int  # found finished in the shard cache (resumed or unchanged)
     worker_seconds: float  # generation time summed over shards
+    worker_cpu_seconds: float  # the workers' CPU time for the shards made in this run
     worker_processes: int  # distinct processes that ran shards (scale-out at work)
     device_seconds: dict[str, float]  # generation time on accelerators, per device
     usage: dict[str, float] = field(default_factory=dict)  # requests, tokens, ... of every shard the release holds
@@ -39,6 +40,7 @@ class RunStats:
             shards_generated=sum(not r.reused for r in results),
             shards_reused=sum(r.reused for r in results),
             worker_seconds=round(sum(r.seconds for r in results), 3),
+            worker_cpu_seconds=round(sum(r.cpu_seconds for r in results), 3),
             worker_processes=len({r.worker for r in results}),
             device_seconds=device_seconds,
             usage=add_usage(r.usage for r in results),
