@@ -95,11 +95,12 @@ def flock_held(path: Path) -> bool:
     return False
 
 
-def file_digest(path: Path) -> str | None:
-    """sha256 of a file's bytes, None if there is no file."""
+def file_digest(path: Path, algorithm: str = "sha256") -> str | None:
+    """The hex digest of a file's bytes (sha256; md5 where DVC addresses content by it),
+    None if there is no file."""
     try:
         with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+            return hashlib.file_digest(handle, algorithm).hexdigest()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
 
