@@ -1,74 +1,80 @@
-"""Release throughput: bare generator loop vs the Prefect release flow, in one run.
+"""Release throughput: `synthfactory run` against a bare spawn process pool, as whole
+commands, side by side in one run.
 
-Variants, each writing the same shards into a fresh registry on this machine:
-  bare_serial    a plain loop: generate each shard and write it (the baseline)
-  bare_parallel  the same loop over a process pool of the flow's worker count
-  flow           `synthfactory run --no-publish` (Prefect flow, GX gate, staging)
-  flow_publish   `synthfactory run` (+ dvc commit/push to embedded S3, git commit, tag)
+Variants, interleaved round by round (the machine is shared), each a fresh command:
+  bare          bench/bare_pool.py: the same generator plug-in into plain tar shards
+                through a spawn pool of the same worker count (the baseline)
+  flow          `synthfactory run --no-publish` into a fresh clone (Prefect flow, shard
+                cache, dataset checks, GX gate, data/<dataset>/)
+  flow_publish  `synthfactory run` (+ DVC commit and push to the embedded S3, git commit, tag)
 
-The Prefect API (a local temporary server) and SeaweedFS are started once, before any
-timing, as they would be in a deployment. Prints ratios; writes bench/results/*.json.
+Targets: flow >= 0.90 and flow_publish >= 0.85 of the bare pool's samples/s; the
+workers' CPU per shard <= 1.1x the bare loop's. The Prefect API (a local server) and
+SeaweedFS start once, before any timing, as they run in a deployment. Prints the
+medians; writes bench/results/release_throughput.json.
 
-    python bench/release_throughput.py --samples 20000
+    python bench/release_throughput.py --samples 20000,100000 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "shapes.yaml"
+SYNTHFACTORY = str(Path(sys.executable).with_name("synthfactory"))
 
 
-def _bare_shard(args: tuple) -> int:
-    from synthfactory.release.build import build_shard
-
-    recipe, plan, stage_dir, fragments_dir = args
-    return build_shard(recipe, plan, stage_dir, fragments_dir).samples
-
-
-def bare(samples: int, workers: int, root: Path) -> float:
-    from synthfactory.recipe import load_recipe
-    from synthfactory.shards import plan_shards
-
-    recipe = load_recipe(RECIPE, samples=samples)
-    jobs = [(recipe, plan, root / "release", root / "fragments") for plan in plan_shards(recipe.name, samples, recipe.shard_size)]
+def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the command and the children it waited for, stdout)."""
     started = time.perf_counter()
-    if workers == 1:
-        done = sum(_bare_shard(job) for job in jobs)
-    else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            done = sum(pool.map(_bare_shard, jobs, chunksize=1))
-    elapsed = time.perf_counter() - started
-    assert done == samples, done
-    return elapsed
+    with tempfile.TemporaryFile() as out:
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({process.returncode}):\n{text[-3000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, text
 
 
-def flow(samples: int, workers: int, registry: Path, publish: bool) -> float:
-    from flows.release import run_release
+def bare(samples: int, workers: int, scratch: Path, env: dict[str, str]) -> dict[str, float]:
+    out = Path(tempfile.mkdtemp(dir=scratch))
+    wall, cpu, text = timed([sys.executable, str(REPO / "bench" / "bare_pool.py"), str(REPO / "recipes" / "shapes.yaml"),
+                             "--samples", str(samples), "--workers", str(workers), "--out", str(out)], REPO, env)
+    shutil.rmtree(out)
+    shard_cpu = json.loads(text.strip().splitlines()[-1])["shard_cpu_seconds"]
+    return {"seconds": wall, "cpu_seconds": cpu, "shard_cpu_seconds": shard_cpu}
 
-    if not registry.exists():
-        subprocess.run(["git", "clone", "--quiet", str(REPO), str(registry)], check=True)
-    started = time.perf_counter()
-    summary = run_release(str(RECIPE), str(registry), samples=samples, publish=publish, workers=workers)
-    elapsed = time.perf_counter() - started
-    assert summary.samples == samples, summary
-    return elapsed
+
+def flow(samples: int, workers: int, scratch: Path, env: dict[str, str], publish: bool) -> dict[str, float]:
+    registry = Path(tempfile.mkdtemp(dir=scratch)) / "registry"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(registry)], check=True)
+    argv = [SYNTHFACTORY, "run", "recipes/shapes.yaml", "--samples", str(samples), "--workers", str(workers),
+            "--registry", str(registry)]
+    wall, cpu, _ = timed(argv + ([] if publish else ["--no-publish"]), registry, env)
+    run = json.loads((registry / "data" / "shapes" / "metrics.json").read_text())["run"]
+    shutil.rmtree(registry.parent)
+    return {"seconds": wall, "cpu_seconds": cpu, "shard_cpu_seconds": run["worker_cpu_seconds"],
+            "generate_seconds": run["seconds"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--samples", default="20000,100000", help="comma-separated sample counts")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "release_throughput.json")
     args = parser.parse_args()
 
@@ -78,42 +84,45 @@ def main() -> None:
 
     settings.apply_offline_defaults()
     scratch = Path(tempfile.mkdtemp(prefix="synthfactory-bench-"))
-    results: dict[str, float] = {}
+    sizes = [int(n) for n in args.samples.split(",")]
+    runs: dict[str, list[dict[str, float]]] = {}
     with EmbeddedS3(scratch / "s3") as s3, prefect_api():
         config = s3.config
-        os.environ.update(
-            SYNTHFACTORY_S3_ENDPOINT=config.endpoint_url, SYNTHFACTORY_S3_BUCKET=config.bucket,
-            AWS_ACCESS_KEY_ID=config.access_key, AWS_SECRET_ACCESS_KEY=config.secret_key,
-        )
-        flow(200, args.workers, scratch / "warmup", publish=True)  # server DB, imports, bucket
-        results["bare_serial"] = bare(args.samples, 1, scratch / "bare1")
-        results["bare_parallel"] = bare(args.samples, args.workers, scratch / "bare2")
-        results["flow"] = flow(args.samples, args.workers, scratch / "flow", publish=False)
-        results["flow_publish"] = flow(args.samples, args.workers, scratch / "flow_publish", publish=True)
+        env = {**os.environ, "SYNTHFACTORY_S3_ENDPOINT": config.endpoint_url, "SYNTHFACTORY_S3_BUCKET": config.bucket,
+               "AWS_ACCESS_KEY_ID": config.access_key, "AWS_SECRET_ACCESS_KEY": config.secret_key}
+        flow(200, args.workers, scratch, env, publish=True)  # server database, bucket, disk caches
+        for round_ in range(args.rounds):
+            for samples in sizes:
+                for name, measure in (("bare", lambda: bare(samples, args.workers, scratch, env)),
+                                      ("flow", lambda: flow(samples, args.workers, scratch, env, publish=False)),
+                                      ("flow_publish", lambda: flow(samples, args.workers, scratch, env, publish=True))):
+                    figures = measure()
+                    runs.setdefault(f"{name}_{samples}", []).append(figures)
+                    print(f"round {round_ + 1} {name:>12} {samples:>7}: {figures['seconds']:6.2f} s wall, "
+                          f"{figures['cpu_seconds']:6.2f} s CPU", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
 
-    rates = {name: args.samples / seconds for name, seconds in results.items()}
-    ratios = {
-        "flow_vs_bare_serial": rates["flow"] / rates["bare_serial"],
-        "flow_vs_bare_parallel": rates["flow"] / rates["bare_parallel"],
-        "flow_publish_vs_bare_serial": rates["flow_publish"] / rates["bare_serial"],
-        "flow_publish_vs_bare_parallel": rates["flow_publish"] / rates["bare_parallel"],
-    }
+    median = {run: {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]} for run, rounds in runs.items()}
+    ratios: dict[str, float] = {}
+    for samples in sizes:
+        base = median[f"bare_{samples}"]
+        ratios[f"flow_vs_bare_{samples}"] = round(base["seconds"] / median[f"flow_{samples}"]["seconds"], 3)
+        ratios[f"flow_publish_vs_bare_{samples}"] = round(base["seconds"] / median[f"flow_publish_{samples}"]["seconds"], 3)
+        ratios[f"shard_cpu_vs_bare_{samples}"] = round(median[f"flow_{samples}"]["shard_cpu_seconds"] / base["shard_cpu_seconds"], 3)
     report = {
-        "samples": args.samples,
+        "samples": sizes,
         "workers": args.workers,
+        "rounds": args.rounds,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "seconds": {k: round(v, 2) for k, v in results.items()},
-        "samples_per_s": {k: round(v, 1) for k, v in rates.items()},
-        "ratios": {k: round(v, 3) for k, v in ratios.items()},
-        "target": "flow >= 0.90 x bare loop (goal 0.95)",
+        "date": time.strftime("%Y-%m-%d"),
+        "median": median,
+        "ratios": ratios,
+        "targets": {"flow_vs_bare": ">= 0.90", "flow_publish_vs_bare": ">= 0.85", "shard_cpu_vs_bare": "<= 1.10"},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    for name in results:
-        print(f"{name:>14}: {results[name]:7.2f} s  {rates[name]:8.1f} samples/s")
     for name, value in ratios.items():
-        print(f"{name:>30}: {value:.3f}")
+        print(f"{name:>28}: {value:.3f}")
     print(f"wrote {args.out}")
 
 
