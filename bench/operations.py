@@ -167,7 +167,7 @@ def bench_append(scratch: Path, samples: int) -> dict:
     second = run_release(str(recipe), str(registry), samples=samples + samples // 100)
     new_objects = {name: size for name, size in stored().items() if name not in before}
     release_dir = registry / "data" / "shapes"
-    part_of = {}  # md5 -> the release entry it belongs to (shards/, manifest.parquet, validation/, ...)
+    part_of = {}  # md5 -> the release entry it belongs to (shards/, manifest/, validation/, ...)
     sizes: dict[str, int] = {}
     for path in (p for p in release_dir.rglob("*") if p.is_file()):
         entry = path.relative_to(release_dir).parts[0]

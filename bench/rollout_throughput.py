@@ -178,9 +178,9 @@ def bare(samples: int, workers: int, root: Path) -> dict[str, Any]:
 
 def _released(release_dir: Path) -> dict[str, Any]:
     """What a finished factory run released: clips, frames, sizes (from manifest and tars)."""
-    import pyarrow.parquet as pq
+    from synthfactory.shards import read_manifest
 
-    manifest = pq.read_table(release_dir / "manifest.parquet").to_pydict()
+    manifest = read_manifest(release_dir).to_pydict()
     mp4_bytes = []
     for shard in sorted((release_dir / "shards").glob("*.tar")):
         with tarfile.open(shard) as tar:

@@ -61,8 +61,8 @@ def _existing_registry(path: Path | None):
 
 
 def _release(recipe: Path, registry: Path, debug: bool = False, **options: object) -> "RunSummary":
-    """Run the release flow, turning failures into one clear message (bad input: exit 2)."""
-    from flows.release import quiet_console, run_release
+    """Run the release flow, turning failures into one clear message (bad input: exit 2).
+    The shard workers start before Prefect is imported: they warm up meanwhile."""
     from synthfactory.files import disk_full
     from synthfactory.models import ModelError
     from synthfactory.recipe import RecipeError
@@ -70,12 +70,17 @@ def _release(recipe: Path, registry: Path, debug: bool = False, **options: objec
     from synthfactory.release.build import ShardFailedError
     from synthfactory.release.cost import BudgetExceededError
     from synthfactory.release.gate import GateFailedError
+    from synthfactory.release.job import ReleaseRequest, prepare_started
     from synthfactory.storage import StorageError
 
-    if not debug:
-        quiet_console()
     try:
-        return run_release(str(recipe), str(registry), **options)  # type: ignore[arg-type]
+        overrides = tuple(options.pop("overrides", None) or ())  # type: ignore[arg-type]
+        job = prepare_started(ReleaseRequest(str(recipe), str(registry), overrides=overrides, **options))  # type: ignore[arg-type]
+        from flows.release import quiet_console, run_prepared
+
+        if not debug:
+            quiet_console()
+        return run_prepared(job)
     except Exception as exc:
         if disk_full(exc):  # however deep: a DVC command's output, a shard worker's error
             where = getattr(exc, "filename", None) or registry
@@ -145,24 +150,24 @@ def validate(release_dir: Annotated[Path, typer.Argument(help="a release directo
     """Re-check a release: shard bytes against the manifest hashes, then the GX gate."""
     from synthfactory.recipe import RecipeError, load_recipe
     from synthfactory.release.gate import gate_spec
-    from synthfactory.release.verify import verify_release
-    from synthfactory.shards import MANIFEST
+    from synthfactory.release.verify import MANIFEST_DAMAGED, verify_release
+    from synthfactory.shards import MANIFEST_DIR, has_manifest, read_manifest
     from synthfactory.validation import manifest_frame, validate_manifest
-    import pyarrow.parquet as pq
 
     try:
         recipe = load_recipe(release_dir / "recipe.yaml")
     except RecipeError as exc:
         raise _fail(f"{release_dir} is not a release directory: {exc}", EXIT_BAD_INPUT) from None
-    if not (release_dir / "manifest.parquet").is_file():
-        raise _fail(f"{release_dir} has no manifest.parquet", EXIT_BAD_INPUT)
+    if not has_manifest(release_dir):
+        raise _fail(f"{release_dir} has no manifest ({MANIFEST_DIR}/)", EXIT_BAD_INPUT)
     checked, problems = verify_release(release_dir)
-    if problems and problems[0].startswith(MANIFEST):
-        raise _fail(f"{release_dir}: {problems[0]}; pull the release again", EXIT_FAILED)
+    damaged = [problem for problem in problems if problem.startswith(MANIFEST_DAMAGED)]
+    if damaged:
+        raise _fail(f"{release_dir}: {damaged[0]}; pull the release again", EXIT_FAILED)
     for problem in problems[:20]:
         console.print(f"[red]{escape(problem)}[/]", highlight=False)
     report_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-validation-"))
-    gate = validate_manifest(manifest_frame(pq.read_table(release_dir / "manifest.parquet")), gate_spec(recipe), report_dir)
+    gate = validate_manifest(manifest_frame(read_manifest(release_dir)), gate_spec(recipe), report_dir)
     out.print(f"{checked} samples match the manifest, {len(problems)} problems; gate: {len(gate.outcomes)} expectations, "
               f"{len(gate.failures)} failed (report: {report_dir / 'index.html'})", highlight=False)
     if not gate.success:

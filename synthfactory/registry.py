@@ -34,7 +34,7 @@ from synthfactory.tags import ReleaseTag, first
 logger = logging.getLogger("synthfactory.registry")
 REMOTE_NAME = "storage"
 #: the parts of a release tracked in DVC's cache (the rest is small and goes to git)
-CACHED_OUTS = ("shards", "rejected", "manifest.parquet", "rejected.parquet", "validation", "report")
+CACHED_OUTS = ("shards", "rejected", "manifest", "rejected.parquet", "validation", "report")
 GIT_OUTS = ("README.md", "recipe.yaml")
 METRICS_FILE = "metrics.json"
 BOT_IDENTITY = {

@@ -26,8 +26,11 @@ from synthfactory.samples import Rejection, Sample
 
 #: release sub-directories: accepted samples, and samples a check refused (kept for inspection)
 SHARDS_DIR, REJECTED_DIR = "shards", "rejected"
-#: the release's one row per sample (what each shard holds, with its hashes)
-MANIFEST = "manifest.parquet"
+#: the release's one row per sample (what each shard holds, with its hashes): a directory
+#: of one Parquet partition per shard, so a release that adds a shard stores one new file
+MANIFEST_DIR = "manifest"
+#: the single-file manifest of releases made before it was partitioned (still read)
+LEGACY_MANIFEST = "manifest.parquet"
 #: what names a sample, in the manifest and in the list of rejected samples
 SAMPLE_ID_COLUMNS: dict[str, pa.DataType] = {
     "key": pa.string(),
@@ -190,6 +193,36 @@ def set_aside(stage_dir: Path, name: str, keys: set[str]) -> None:
 
 def fragment_path(fragments_dir: Path, shard: str, kind: str) -> Path:
     return fragments_dir / f"{Path(shard).stem}.{kind}.parquet"
+
+
+def manifest_record(shard: str, partitioned: bool = True) -> str:
+    """Where, relative to the release directory, the manifest rows of shard `shard` are:
+    its partition (named and zero-padded like the shard, so name order is shard order),
+    or a legacy release's single file."""
+    return f"{MANIFEST_DIR}/{Path(shard).stem}.parquet" if partitioned else LEGACY_MANIFEST
+
+
+def manifest_file(release_dir: Path, shard: str) -> Path:
+    """The file in `release_dir` that records shard `shard` (either layout)."""
+    return release_dir / manifest_record(shard, partitioned=(release_dir / MANIFEST_DIR).is_dir())
+
+
+def has_manifest(release_dir: Path) -> bool:
+    """Whether `release_dir` holds a manifest, in either layout."""
+    return (release_dir / MANIFEST_DIR).is_dir() or (release_dir / LEGACY_MANIFEST).is_file()
+
+
+def read_manifest(release_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """The release's whole manifest in shard order: its partitions concatenated, or the
+    single file of a release made before the manifest was partitioned (an older tag
+    pulled with `dvc get` or checked out keeps working). FileNotFoundError if it has neither."""
+    partitions = release_dir / MANIFEST_DIR
+    if not partitions.is_dir():
+        return pq.read_table(release_dir / LEGACY_MANIFEST, columns=columns)
+    files = sorted(partitions.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{partitions} holds no manifest partition")
+    return pa.concat_tables([pq.read_table(path, columns=columns) for path in files])
 
 
 #: the largest file of one sample a shard may hold: a member is read whole into memory,

@@ -15,8 +15,8 @@ top) and `result.json` with the raw validation results.
 
 GX is imported lazily: importing it takes seconds of CPU. A run calls `prefetch_gx()` at
 its start, which starts a gate process that imports GX on another core while the run
-generates; `validate_staged` then hands it the staged manifest (or validates in this
-process when no gate process was started).
+generates; `validate_staged` then hands it the staged release's directory, whose
+manifest it reads (or validates in this process when no gate process was started).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from synthfactory.shards import read_manifest
 
 MANIFEST_TABLE = "manifest"
 QUALITY_TABLE = "quality_metrics"
@@ -141,10 +142,10 @@ class GateProcess:
         )
         atexit.register(self.close)
 
-    def validate(self, manifest: Path, spec: GateSpec, report_dir: Path, quality: pd.DataFrame | None) -> GateResult:
+    def validate(self, release_dir: Path, spec: GateSpec, report_dir: Path, quality: pd.DataFrame | None) -> GateResult:
         result_file = Path(report_dir) / ".gate-result.pickle"
         result_file.parent.mkdir(parents=True, exist_ok=True)
-        _, errors = self._proc.communicate(pickle.dumps((manifest, spec, report_dir, quality, result_file)))
+        _, errors = self._proc.communicate(pickle.dumps((release_dir, spec, report_dir, quality, result_file)))
         try:
             status, value = pickle.loads(result_file.read_bytes())
         except OSError:
@@ -174,25 +175,26 @@ def prefetch_gx() -> None:
             _prefetched = GateProcess()
 
 
-def validate_staged(manifest: Path, spec: GateSpec, report_dir: Path, quality: pd.DataFrame | None = None) -> GateResult:
-    """Run the gate on a manifest file: in the prefetched gate process, else here."""
+def validate_staged(release_dir: Path, spec: GateSpec, report_dir: Path, quality: pd.DataFrame | None = None) -> GateResult:
+    """Run the gate on the manifest of release directory `release_dir`: in the prefetched
+    gate process (handed the path, not the table), else here."""
     global _prefetched
     with _PREFETCH_LOCK:
         worker, _prefetched = _prefetched, None
     if worker is not None:
         try:
-            return worker.validate(manifest, spec, report_dir, quality)
+            return worker.validate(release_dir, spec, report_dir, quality)
         except RuntimeError as exc:  # it died (killed, out of memory): validate here instead
             logging.getLogger("synthfactory.validation").warning("%s; validating in this process", exc)
-    return validate_manifest(manifest_frame(pq.read_table(manifest)), spec, report_dir, quality)
+    return validate_manifest(manifest_frame(read_manifest(release_dir)), spec, report_dir, quality)
 
 
 def _serve_one() -> None:
     """The gate process: import GX, then validate the one manifest asked for."""
     _load_gx()
-    manifest, spec, report_dir, quality, result_file = pickle.load(sys.stdin.buffer)
+    release_dir, spec, report_dir, quality, result_file = pickle.load(sys.stdin.buffer)
     try:
-        result: tuple[str, Any] = ("ok", validate_manifest(manifest_frame(pq.read_table(manifest)), spec, report_dir, quality))
+        result: tuple[str, Any] = ("ok", validate_manifest(manifest_frame(read_manifest(release_dir)), spec, report_dir, quality))
     except Exception as exc:
         result = ("error", exc)
     Path(result_file).write_bytes(pickle.dumps(result))

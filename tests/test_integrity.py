@@ -18,8 +18,19 @@ from synthfactory.loader import LoaderError, iter_samples
 from synthfactory.recipe import parse_recipe
 from synthfactory.release.build import build_shard, make_shard
 from synthfactory.release.shard_cache import ShardCache
-from synthfactory.release.verify import verify_release
-from synthfactory.shards import MANIFEST, SHARDS_DIR, fragment_path, parquet_bytes, plan_shards, read_shard
+from synthfactory.release.verify import MANIFEST_DAMAGED, verify_release
+from synthfactory.shards import (
+    LEGACY_MANIFEST,
+    MANIFEST_DIR,
+    SHARDS_DIR,
+    fragment_path,
+    manifest_file,
+    manifest_record,
+    parquet_bytes,
+    plan_shards,
+    read_manifest,
+    read_shard,
+)
 
 RECIPE_FIELDS = {
     "name": "intact",
@@ -31,16 +42,24 @@ RECIPE_FIELDS = {
 RECIPE = parse_recipe(RECIPE_FIELDS)
 
 
-@pytest.fixture(scope="module")
-def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A release directory as `dvc get` leaves it: shards, manifest, recipe."""
+@pytest.fixture(scope="module", params=["partitioned", "legacy"])
+def release(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A release directory as `dvc get` leaves it: shards, manifest, recipe. The manifest
+    as a release makes it (one partition per shard: the shard's fragment), or as one file,
+    like a release made before it was partitioned: both must read the same."""
     root = tmp_path_factory.mktemp("release")
     fragments = root / "fragments"
     plans = plan_shards(RECIPE.name, RECIPE.samples, RECIPE.shard_size)
     for plan in plans:
         build_shard(RECIPE, plan, root / "intact", fragments)
     tables = [pq.read_table(fragment_path(fragments, plan.name, "manifest")) for plan in plans]
-    (root / "intact" / MANIFEST).write_bytes(parquet_bytes(pa.concat_tables(tables)))
+    if request.param == "legacy":
+        (root / "intact" / LEGACY_MANIFEST).write_bytes(parquet_bytes(pa.concat_tables(tables)))
+    else:
+        (root / "intact" / MANIFEST_DIR).mkdir()
+        for plan in plans:
+            (root / "intact" / manifest_record(plan.name)).write_bytes(
+                fragment_path(fragments, plan.name, "manifest").read_bytes())
     (root / "intact" / "recipe.yaml").write_text(yaml.safe_dump(RECIPE_FIELDS))
     return root / "intact"
 
@@ -110,12 +129,12 @@ def test_validate_names_a_damaged_manifest_in_one_line(release: Path, tmp_path: 
 
     copy = tmp_path / "torn"
     shutil.copytree(release, copy)
-    manifest = copy / MANIFEST
+    manifest = manifest_file(copy, f"{RECIPE.name}-000001.tar")  # a partition, or the legacy file
     manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
     done = subprocess.run([sys.executable, "-m", "synthfactory.cli", "validate", str(copy)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert f"{MANIFEST} is damaged" in done.stderr and "pull the release again" in done.stderr
+    assert MANIFEST_DAMAGED in done.stderr and "pull the release again" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
 
 
@@ -137,11 +156,25 @@ def test_a_shard_cache_entry_with_flipped_bytes_is_not_reused(tmp_path: Path, ca
     assert any("is damaged" in r.message and "does not match its recorded sha256" in r.message for r in caplog.records)
 
 
+def test_the_manifest_reads_the_same_in_either_layout(release: Path) -> None:
+    """Partitioned: one file per shard, named like it. Either layout: the reader gives the
+    rows the shards' fragments hold, in shard order."""
+    plans = plan_shards(RECIPE.name, RECIPE.samples, RECIPE.shard_size)
+    fragments = [pq.read_table(fragment_path(release.parent / "fragments", plan.name, "manifest")) for plan in plans]
+    if (release / MANIFEST_DIR).is_dir():
+        assert sorted(p.name for p in (release / MANIFEST_DIR).iterdir()) == [
+            Path(manifest_record(plan.name)).name for plan in plans]
+    manifest = read_manifest(release)
+    assert manifest.equals(pa.concat_tables(fragments))
+    assert manifest.column("index").to_pylist() == list(range(RECIPE.samples))
+    assert read_manifest(release, columns=["key"]).column_names == ["key"]
+
+
 def test_manifests_record_every_member(release: Path) -> None:
     """`sample_sha256` covers caption and label too: the column the checks above rely on."""
     from synthfactory.shards import sample_digest
 
-    rows = pq.read_table(release / MANIFEST, columns=["key", "sample_sha256"]).to_pylist()
+    rows = read_manifest(release, columns=["key", "sample_sha256"]).to_pylist()
     originals = original_samples(release)
     assert all(row["sample_sha256"] == sample_digest(originals[row["key"]]) for row in rows)
     changed = dict(originals[rows[0]["key"]], txt=b"another caption")

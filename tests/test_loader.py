@@ -26,7 +26,17 @@ from synthfactory.generators.procedural import ShapesGenerator
 from synthfactory.live import CONSUMERS_DIR, FeedWriter, live_dir
 from synthfactory.loader import DiskCache, LoaderError, consumer_index, consumer_share, iter_samples, load
 from synthfactory.samples import slot_for
-from synthfactory.shards import fragment_path, manifest_schema, plan_shards, tar_bytes, write_shard
+from synthfactory.shards import (
+    LEGACY_MANIFEST,
+    MANIFEST_DIR,
+    fragment_path,
+    manifest_record,
+    manifest_schema,
+    plan_shards,
+    read_manifest,
+    tar_bytes,
+    write_shard,
+)
 from synthfactory.storage import StorageConfig
 
 CLASSES = ["circle", "square", "star"]
@@ -53,10 +63,12 @@ class Published:
     def md5(self, shard: str) -> str:
         return hashlib.md5(self.shard_files[shard].read_bytes()).hexdigest()
 
-    @property
-    def manifest(self) -> Path:
-        """The release's manifest: the loader caches it beside the shards (it checks them)."""
-        return self.release_dir / "manifest.parquet"
+    def partition(self, shard: str) -> Path:
+        """The shard's manifest partition: the loader caches it beside the shard (it checks it)."""
+        return self.release_dir / manifest_record(shard)
+
+    def partition_md5(self, shard: str) -> str:
+        return hashlib.md5(self.partition(shard).read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +97,7 @@ def published(s3: StorageConfig, prefect: None, tmp_path_factory: pytest.TempPat
         assert summary.tag == "loadme@v1"
         subprocess.run(["git", "clone", "--quiet", str(root / "registry"), str(root / "clone")], check=True)
         release_dir = root / "registry" / "data" / "loadme"
-        manifest = pq.read_table(release_dir / "manifest.parquet", columns=["key", "shard"]).to_pylist()
+        manifest = read_manifest(release_dir, columns=["key", "shard"]).to_pylist()
         yield Published(
             root / "registry",
             root / "clone",
@@ -207,8 +219,7 @@ def test_cold_cache_streams_from_s3_then_warm_cache_needs_no_s3(published: Publi
     cache = tmp_path / "cache"
     cold = {s["__key__"]: s["png"] for s in iter_samples("loadme", "v1", published.clone, cache_dir=cache, decode="raw")}
     assert sorted(cold) == sorted(published.keys)
-    manifest_md5 = hashlib.md5(published.manifest.read_bytes()).hexdigest()
-    assert entries(cache) == {".lock", manifest_md5, *(published.md5(s) for s in published.shard_files)}
+    assert entries(cache) == {".lock", *(md5(s) for s in published.shard_files for md5 in (published.md5, published.partition_md5))}
 
     # Credentials that S3 refuses: a fresh cache now fails, naming the variable and not the secret ...
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "garbage-secret")
@@ -244,23 +255,23 @@ def test_cache_never_exceeds_its_bound_and_evicts_least_recently_read(published:
     assert 0 < peak <= bound
     assert not list(cache.glob(".*.part")), "a writer's temporary file was left behind"
 
-    # LRU: read a, b; read a again; reading c evicts b, the least recently read.
+    # LRU: read a, b; read a again; reading c evicts b and its partition, the least recently read
+    # (room for the three shards and the partitions of a and c: each shard's is read before it).
     lru = tmp_path / "lru"
     a, b, c = sorted(sizes)[:3]
-    manifest = published.manifest.stat().st_size  # read (so kept recent) by each of the datasets below
+    partitions = published.partition(a).stat().st_size + published.partition(c).stat().st_size
     ordered = load("loadme", registry=published.clone, shuffle=False, cache_dir=lru,
-                   cache_bytes=manifest + sizes[a] + sizes[b] + sizes[c] - 1, decode="raw", fields=["txt"])
+                   cache_bytes=partitions + sizes[a] + sizes[b] + sizes[c] - 1, decode="raw", fields=["txt"])
     for names in ([a], [b], [a], [c]):
         assert len(list(ordered.select(names))) == SHARD_SIZE
         time.sleep(0.01)  # distinct mtimes
-    manifest_md5 = hashlib.md5(published.manifest.read_bytes()).hexdigest()
-    assert entries(lru) == {".lock", manifest_md5, published.md5(a), published.md5(c)}
+    assert entries(lru) == {".lock", published.partition_md5(a), published.md5(a), published.partition_md5(c), published.md5(c)}
 
     # A shard larger than the whole cache is streamed and not cached.
     tiny = tmp_path / "tiny"
     streamed = load("loadme", registry=published.clone, cache_dir=tiny, cache_bytes=min(sizes.values()) - 1, decode="raw", fields=["txt"])
     assert sorted(s["__key__"] for s in streamed) == sorted(published.keys)
-    assert entries(tiny) == {".lock", manifest_md5}  # the small manifest fits, no shard does
+    assert entries(tiny) <= {".lock", *map(published.partition_md5, sizes)}  # small partitions fit, no shard does
 
 
 def test_cache_reservations_count_and_dead_writers_are_reclaimed(tmp_path: Path) -> None:
@@ -447,6 +458,38 @@ def test_a_damaged_object_in_dvcs_cache_is_fetched_again_from_s3(published: Publ
     keys = [s["__key__"] for s in dataset]
     assert keys == published.keys and dataset.refetched == 1
     assert not cached.exists() or hashlib.md5(cached.read_bytes()).hexdigest() == md5
+
+
+def test_a_release_made_before_the_manifest_was_partitioned_still_loads(published: Published, tmp_path: Path, monkeypatch) -> None:
+    """A tag whose manifest is one file, as releases had before it was partitioned (DVC out
+    manifest.parquet): read through DVC at the tag, every sample checked against it."""
+    import shutil
+
+    import yaml
+
+    from synthfactory import registry as registry_module
+    from synthfactory.registry import DataRegistry
+    from synthfactory.release.verify import verify_release
+
+    root = tmp_path / "registry"
+    shutil.copytree(published.registry, root, symlinks=True)
+    release = root / "data" / "loadme"
+    manifest = read_manifest(release)
+    shutil.rmtree(release / MANIFEST_DIR)
+    pq.write_table(manifest, release / LEGACY_MANIFEST)
+    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["loadme"]
+    legacy_outs = tuple(LEGACY_MANIFEST if out == MANIFEST_DIR else out for out in registry_module.CACHED_OUTS)
+    monkeypatch.setattr(registry_module, "CACHED_OUTS", legacy_outs)
+    older = DataRegistry(root)
+    older.record_stage("loadme", stage["cmd"], stage["deps"])
+    older.dvc_commit("loadme")
+    older.git("add", "--all")
+    older.git("commit", "--quiet", "-m", "loadme as a release made before the manifest was partitioned")
+    older.git("tag", "loadme@v2")
+
+    dataset = load("loadme", 2, root, cache_dir=tmp_path / "cache", decode="raw", shuffle=False)
+    assert [s["__key__"] for s in dataset] == published.keys
+    assert verify_release(release) == (len(published.keys), [])
 
 
 def test_a_fresh_clone_with_a_wrong_secret_is_told_about_credentials(published: Published, tmp_path: Path, monkeypatch) -> None:

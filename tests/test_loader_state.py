@@ -13,8 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from torch.utils.data import IterableDataset
@@ -26,7 +24,7 @@ from synthfactory.live import FeedWriter
 from synthfactory.loader import LoaderError, load, mix, source_dataset
 from synthfactory.plugins import RECIPE_DIR
 from synthfactory.samples import Sample, slot_for
-from synthfactory.shards import MANIFEST, SHARDS_DIR, fragment_path, manifest_schema, plan_shards, write_shard
+from synthfactory.shards import MANIFEST_DIR, SHARDS_DIR, fragment_path, manifest_record, manifest_schema, plan_shards, write_shard
 from synthfactory.sources import SOURCES, Source, build_source
 
 CLASSES = ["circle", "square", "star"]
@@ -58,9 +56,11 @@ def write_shards(stage: Path, dataset: str, shards: int, seed: int) -> None:
 
 
 def release_directory(root: Path, dataset: str, shards: int, seed: int) -> Path:
+    """A release as staging leaves it: each shard's fragment is its manifest partition."""
     write_shards(root, dataset, shards, seed)
-    fragments = sorted(root.glob("*.manifest.parquet"))
-    pq.write_table(pa.concat_tables(pq.read_table(path) for path in fragments), root / MANIFEST)
+    (root / MANIFEST_DIR).mkdir()
+    for shard in (root / SHARDS_DIR).glob("*.tar"):
+        fragment_path(root, shard.name, "manifest").rename(root / manifest_record(shard.name))
     return root
 
 

@@ -20,7 +20,7 @@ from synthfactory.release.build import build_shard
 from synthfactory.release.bundle import plugins_of
 from synthfactory.recipe import RecipeError, load_recipe
 from synthfactory.samples import slot_for
-from synthfactory.shards import plan_shards, read_shard
+from synthfactory.shards import plan_shards, read_manifest, read_shard
 
 REPO = Path(__file__).resolve().parent.parent
 SYNCLR = REPO / "recipes" / "synclr.yaml"
@@ -148,7 +148,7 @@ def test_synclr_recipe_releases_end_to_end(tiny, tmp_path, storage_env, prefect)
 
     assert summary.tag == "synclr@v1"
     release = registry / "data" / "synclr"
-    manifest = pq.read_table(release / "manifest.parquet").to_pandas()
+    manifest = read_manifest(release).to_pandas()
     assert set(PROVENANCE) <= set(manifest.columns)
     assert manifest.groupby("group").size().max() <= 4
     assert (manifest["clip_score"] >= 1.0).all()
@@ -180,7 +180,7 @@ def test_text_only_recipe_runs_alone(tiny, tmp_path, prefect):
                  "validation.caption_length.min=1", "validation.min_accept_rate=0.5", "shard_size=8",
                  "checks.1.params.max_duplicate_rate=1.0"]
     summary = run_release(str(INSTRUCTIONS), str(tmp_path / "registry"), samples=16, publish=False, overrides=overrides)
-    manifest = pq.read_table(tmp_path / "registry" / "data" / "instructions" / "manifest.parquet").to_pandas()
+    manifest = read_manifest(tmp_path / "registry" / "data" / "instructions").to_pandas()
     assert summary.samples == len(manifest) > 0
     assert set(manifest["template"]) <= {"question", "task"}
     assert "image_model" not in manifest.columns and (manifest["payload"] == "txt").all()
@@ -273,7 +273,7 @@ def test_out_of_memory_becomes_an_actionable_error(tiny):
     ("generator.params.pipeline=FluxPipe", "pipeline 'FluxPipe' is not a diffusers pipeline class"),
     ("generator.params.captions.params.examples_per_prompt=9", "generator.params.captions.params: template 'concept' has 5 examples"),
     ("generator.params.captions.params.concepts.0.file=missing.txt", "generator.params.captions.params.concepts.0: file: cannot read 'missing.txt'"),
-    ("generator.params.captions.params.temperature=0", "generator.params.captions.params.temperature: must be > 0"),
+    ("generator.params.captions.params.temperature=-1", "generator.params.captions.params.temperature: must be ≥ 0"),
     ("generator.params.captions.kind=gpt", "generator.params.captions.kind: unknown generator 'gpt'"),
     ("checks.0.params.min_score=-1", "checks.0.params.min_score: must be ≥ 0"),
 ])
@@ -322,6 +322,6 @@ def test_a_hub_id_loads_from_the_hf_cache_offline_pinned_to_its_commit(tiny, tmp
         capture_output=True, text=True, env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    manifest = pq.read_table(tmp_path / "registry" / "data" / "instructions" / "manifest.parquet").to_pylist()
+    manifest = read_manifest(tmp_path / "registry" / "data" / "instructions").to_pylist()
     assert {row["caption_model"] for row in manifest} == {"synthfactory/tiny-llm"}
     assert {row["caption_model_revision"] for row in manifest} == {commit}

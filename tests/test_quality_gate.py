@@ -21,6 +21,7 @@ from synthfactory.checks import CHECKS, DatasetView, PreviousRelease
 from synthfactory.generators import Sample, SampleSlot
 from synthfactory.registry import DataRegistry, dvc_executable
 from synthfactory.release.gate import GateFailedError
+from synthfactory.shards import has_manifest, read_manifest
 
 SUBJECTS = ["a fox", "an old lighthouse", "a red bicycle", "two herons", "a glass teapot", "a snow leopard",
             "a paper lantern", "a tugboat", "a cactus", "a violin", "a stone bridge", "a hot-air balloon"]
@@ -176,8 +177,33 @@ def test_pii_is_rejected_counted_by_pattern_and_reported(tmp_path, prefect):
     assert metrics["rejected_by"] == {"pii": 4}
     report = (release / "report" / "index.html").read_text()
     assert "PII hits by pattern: email 2" in report
-    manifest = pq.read_table(release / "manifest.parquet").column("caption").to_pylist()
+    manifest = read_manifest(release).column("caption").to_pylist()
     assert not any("@" in caption for caption in manifest)
+
+
+def test_a_dataset_check_rewrites_only_the_manifest_partitions_of_shards_it_took_samples_from(tmp_path, prefect):
+    """One partition per shard, an empty one for a shard that lost every sample; the
+    partitions of untouched shards are their shard-cache fragments, byte for byte, so
+    the next release uploads nothing for them."""
+    from flows.release import run_release
+
+    fresh = ["A lighthouse keeper climbs the spiral stairs", "Old maps spread across a wooden table"]
+    texts = [*UNRELATED, *UNRELATED[:4], UNRELATED[4], fresh[0], UNRELATED[6], fresh[1]]  # shards of 4
+    checks = [{"kind": "dedup", "params": {"image_max_distance": None, "max_duplicate_rate": 0.5}}]
+    recipe = write_recipe(tmp_path / "notes.yaml", texts, len(texts), checks, shard_size=4)
+    assert run_release(str(recipe), str(tmp_path / "registry"), publish=False).samples == 10
+
+    release = tmp_path / "registry" / "data" / "notes"
+    shards = [f"notes-{i:06d}" for i in range(4)]
+    partitions = {p.stem: p for p in (release / "manifest").iterdir()}
+    assert sorted(partitions) == shards
+    captions = {shard: pq.read_table(path).column("caption").to_pylist() for shard, path in partitions.items()}
+    assert captions == {shards[0]: UNRELATED[:4], shards[1]: UNRELATED[4:], shards[2]: [], shards[3]: fresh}
+    cache = tmp_path / "registry" / ".synthfactory" / "shards" / "notes"
+    for shard in shards[:2]:
+        (fragment,) = cache.glob(f"*/{shard}.manifest.parquet")
+        assert partitions[shard].read_bytes() == fragment.read_bytes()
+    assert read_manifest(release).column("caption").to_pylist() == [*UNRELATED, *fresh]
 
 
 def test_skewed_labels_fail_the_balance_check_naming_its_figure(tmp_path, prefect):
@@ -268,7 +294,7 @@ def test_cross_release_dedup_in_a_fresh_clone_reads_the_previous_manifest_from_s
 
     clone = tmp_path / "clone"  # as CI sees it: git only, no data/ and no DVC cache
     subprocess.run(["git", "clone", "--quiet", str(registry), str(clone)], check=True)
-    assert not (clone / "data" / "notes" / "manifest.parquet").exists()
+    assert not has_manifest(clone / "data" / "notes")
     write_recipe(clone / "recipes" / "notes.yaml", second, 5, checks)
     summary = run_release(str(clone / "recipes" / "notes.yaml"), str(clone))
 
@@ -276,3 +302,5 @@ def test_cross_release_dedup_in_a_fresh_clone_reads_the_previous_manifest_from_s
     rejected = pq.read_table(clone / "data" / "notes" / "rejected.parquet").to_pylist()
     assert [(r["caption"], r["reason"]) for r in rejected] == [
         (UNRELATED[1], "exact duplicate of notes@v1 sample 0000000001")]
+    partitions = clone / "data" / "notes" / "manifest"  # the last shard's one sample was refused: an empty partition
+    assert [pq.read_metadata(p).num_rows for p in sorted(partitions.iterdir())] == [2, 2, 0]

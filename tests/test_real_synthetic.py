@@ -9,12 +9,12 @@ import json
 import subprocess
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from synthfactory.registry import DataRegistry, dvc_executable
 from synthfactory.release.gate import GateFailedError
+from synthfactory.shards import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_digits_release_and_a_real_synthetic_blend_with_lineage(tmp_path, storag
     }))
     summary = run_release(str(recipe), str(clone), publish=False)
     release = clone / "data" / "blend"
-    manifest = pq.read_table(release / "manifest.parquet").to_pylist()
+    manifest = read_manifest(release).to_pylist()
     assert summary.samples == len(manifest) == 300
     by_source = {name: [row for row in manifest if row["source"] == name] for name in ("real", "digits@v1", "rendered")}
     assert {name: len(rows) for name, rows in by_source.items()} == {"real": 100, "digits@v1": 100, "rendered": 100}
@@ -67,7 +67,7 @@ def test_digits_release_and_a_real_synthetic_blend_with_lineage(tmp_path, storag
     assert {row["origin"] for row in by_source["digits@v1"] + by_source["rendered"]} == {"synthetic"}
     v1_commit = DataRegistry.existing(registry).git("rev-list", "-n", "1", "digits@v1").strip()
     assert {row["source_revision"] for row in by_source["digits@v1"]} == {v1_commit}
-    v1_keys = set(pq.read_table(registry / "data/digits/manifest.parquet").column("key").to_pylist())
+    v1_keys = set(read_manifest(registry / "data/digits").column("key").to_pylist())
     assert {row["source_key"] for row in by_source["digits@v1"]} <= v1_keys
     blend = json.loads((release / "metrics.json").read_text())
     assert blend["lineage"]["depth"] == 2

@@ -25,7 +25,7 @@ from synthfactory.release.shard_cache import ShardCache
 from synthfactory.shards import plan_shards
 from synthfactory.storage import minio_client
 
-DATA_FILES = ("shards", "rejected", "manifest.parquet", "rejected.parquet")
+DATA_FILES = ("shards", "rejected", "manifest", "rejected.parquet")
 SYNTHFACTORY = str(Path(sys.executable).with_name("synthfactory"))
 
 

@@ -154,18 +154,18 @@ def test_a_worker_that_rendered_still_stops_on_sigterm() -> None:
 def test_driving_release_publishes_and_reads_through_loader_webdataset_and_hf_datasets(tmp_path, storage_env, prefect):
     """recipes/driving.yaml through the real flow and DVC publish, then read three ways."""
     import datasets
-    import pyarrow.parquet as pq
     import webdataset as wds
 
     from flows.release import run_release
     from synthfactory.loader import load
+    from synthfactory.shards import read_manifest
 
     registry = tmp_path / "registry"
     summary = run_release(str(ROOT / "recipes/driving.yaml"), str(registry), samples=6,
                           overrides=["shard_size=3", "validation.min_accept_rate=0.1"])
     assert summary.tag == "driving@v1"
     release = registry / "data" / "driving"
-    manifest = pq.read_table(release / "manifest.parquet")
+    manifest = read_manifest(release)
     for column in ("env", "policy", "episode", "step_start", "frames", "fps", "width", "height", "actions", "crashed",
                    "motion", "frame_hashes"):
         assert column in manifest.column_names

@@ -21,6 +21,7 @@ from synthfactory.daemons import free_ports
 from synthfactory.models import ModelError
 from synthfactory.release.cost import BudgetExceededError
 from synthfactory.serving.testserver import Fault, FaultProxy, ServedModel, serve_tiny_lm
+from synthfactory.shards import read_manifest
 
 COMPLETIONS = "/v1/completions"
 
@@ -87,7 +88,7 @@ def test_a_release_from_an_endpoint_counts_tokens_and_cost_and_pays_once(tmp_pat
     usage = metrics["usage"]
     assert sent(proxy) == 24 and usage["requests"] == 26 and usage["retries"] == 2 and usage["throttled"] == 2
     assert usage["backoffs"] >= 1 and usage["cache_hits"] == 0 and usage["failures"] == 0
-    manifest = pq.read_table(release / "manifest.parquet").to_pylist()
+    manifest = read_manifest(release).to_pylist()
     assert len(manifest) + metrics["rejected"] == 24
     assert all(row["prompt_tokens"] > 0 and 0 < row["completion_tokens"] <= 8 for row in manifest)
     expected = usage["prompt_tokens"] * 0.15 / 1e6 + usage["completion_tokens"] * 0.6 / 1e6
@@ -102,7 +103,7 @@ def test_a_release_from_an_endpoint_counts_tokens_and_cost_and_pays_once(tmp_pat
     assert sent(proxy) == 24  # nothing re-sent
     rerun = json.loads((Path(second.release_dir) / "metrics.json").read_text())["usage"]
     assert rerun["cache_hits"] == 24 and rerun["requests"] == 0
-    rows = pq.read_table(Path(second.release_dir) / "manifest.parquet").to_pylist()
+    rows = read_manifest(Path(second.release_dir)).to_pylist()
     assert sorted(r["caption"] for r in rows) == sorted(r["caption"] for r in manifest)
 
 

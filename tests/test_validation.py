@@ -273,13 +273,16 @@ def test_the_prefetched_gate_process_gives_the_in_process_verdict(tmp_path):
 
     labels = balanced_labels()
     labels[:120] = ["bird"] * 120  # skewed: the balance expectation fails
-    path = tmp_path / "manifest.parquet"
-    pq.write_table(pa.Table.from_pandas(make_manifest(labels), preserve_index=False), path)
+    table = pa.Table.from_pandas(make_manifest(labels), preserve_index=False)
+    staged = tmp_path / "staged" / "manifest"  # one partition per shard: the gate reads them as one table
+    staged.mkdir(parents=True)
+    for start in range(0, table.num_rows, 100):
+        pq.write_table(table.slice(start, 100), staged / f"{table.column('shard')[start]}.parquet")
     expected = validate_manifest(make_manifest(labels), make_spec(), tmp_path / "here")
 
     prefetch_gx()
     assert validation._prefetched is not None
-    result = validate_staged(path, make_spec(), tmp_path / "there")
+    result = validate_staged(staged.parent, make_spec(), tmp_path / "there")
 
     assert validation._prefetched is None  # used once
     assert not result.success

@@ -241,11 +241,10 @@ def test_worldmodel_recipe_releases_gates_and_publishes(svd, tmp_path, storage_e
     """recipes/worldmodel.yaml through the release flow and DVC publish, on the tiny model."""
     import json
 
-    import pyarrow.parquet as pq
-
     from flows.release import run_release
     from synthfactory.loader import load
     from synthfactory.release.verify import verify_release
+    from synthfactory.shards import read_manifest
 
     overrides = [
         f"generator.params.model={svd}", "generator.params.num_frames=4", "generator.params.steps=2",
@@ -258,7 +257,7 @@ def test_worldmodel_recipe_releases_gates_and_publishes(svd, tmp_path, storage_e
     summary = run_release(str(WORLDMODEL), str(registry), samples=6, overrides=overrides)
     assert summary.tag == "worldmodel@v1"
     release = registry / "data" / "worldmodel"
-    manifest = pq.read_table(release / "manifest.parquet").to_pandas()
+    manifest = read_manifest(release).to_pandas()
     assert len(manifest) and (manifest.groupby("group").size() == 2).all()  # k = 2 per clip
     assert {"world_model", "world_model_revision", "video_seed", "context_key", "env", "policy", "motion",
             "frame_hashes"} <= set(manifest.columns)

@@ -231,7 +231,9 @@ class ShardDataset(ResumableDataset):
         super().__init__(rank, world_size)
         self.source = source
         self.hashes = verify == "sha256"
-        self._index: tuple[int, ManifestIndex] | None = None  # (pid, the release's manifest), opened per process
+        #: (pid, manifest file, its index): the file last read, opened per process (a legacy
+        #: release's single manifest serves every shard; a partition, one)
+        self._index: tuple[int, ShardRef, ManifestIndex] | None = None
         # shared like the epoch; unlocked, since a lock made here could not cross to workers
         # of another start method (forkserver), and a drop is rare enough not to race
         self._refetched = multiprocessing.Value("q", 0, lock=False)
@@ -354,15 +356,15 @@ class ShardDataset(ResumableDataset):
                 return ManifestIndex(Path(ref.manifest)).samples(ref.name)
             except (OSError, ValueError) as exc:
                 raise LoaderError(f"shard {ref.name}: cannot read its manifest fragment {ref.manifest} ({exc})") from None
-        manifest = self.source.manifest_ref()
+        manifest = self.source.manifest_ref(ref.name)
         if manifest is None:
             return None
-        if self._index is None or self._index[0] != os.getpid():
-            self._index = (os.getpid(), self._open_manifest(manifest))
-        return self._index[1].samples(ref.name)
+        if self._index is None or self._index[:2] != (os.getpid(), manifest):
+            self._index = (os.getpid(), manifest, self._open_manifest(manifest))
+        return self._index[2].samples(ref.name)
 
     def _open_manifest(self, ref: ShardRef) -> ManifestIndex:
-        """The release's manifest, checked against its DVC md5 (a damaged local copy is
+        """A manifest file of the release, checked against its DVC md5 (a damaged local copy is
         dropped and fetched again, like a shard), read from a local file where there is one."""
         for attempt in (1, 2):
             with self._stream(ref) as (stream, drop):

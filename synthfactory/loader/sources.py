@@ -9,8 +9,9 @@
   run back.
 
 A source says which shards it has, plans which of them a consumer reads in an epoch
-(`schedule`), opens one, and names the manifest that says what each shard holds (the
-loader checks every sample against it before yielding it).
+(`schedule`), opens one, and names the manifest file that says what each shard holds
+(its partition, or a legacy release's single manifest; the loader checks every sample
+against it before yielding it).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from synthfactory.files import atomic_write_json
 from synthfactory.live import FeedReader, read_feed
 from synthfactory.loader.errors import LoaderError
 from synthfactory.registry import DataRegistry
-from synthfactory.shards import MANIFEST, SHARDS_DIR, shard_name
+from synthfactory.shards import LEGACY_MANIFEST, MANIFEST_DIR, SHARDS_DIR, has_manifest, manifest_file, manifest_record, shard_name
 from synthfactory.storage import ACCESS_KEY_VAR, ENDPOINT_VAR, SECRET_KEY_VAR
 from synthfactory.tags import version_of
 
@@ -82,9 +83,9 @@ class ShardSource(Protocol):
     def open(self, ref: ShardRef) -> tuple[BinaryIO, Origin]:
         """The shard's bytes and where they come from."""
 
-    def manifest_ref(self) -> ShardRef | None:
-        """The release's manifest, opened like a shard; None when each shard names its own
-        (`ShardRef.manifest`)."""
+    def manifest_ref(self, shard: str) -> ShardRef | None:
+        """The manifest file that records shard `shard`, opened like a shard; None when
+        each shard names its own (`ShardRef.manifest`)."""
 
     def drop_copy(self, ref: ShardRef, stream: BinaryIO) -> None:
         """Remove the damaged local copy `stream` (a "copy" origin), so the next `open`
@@ -118,9 +119,10 @@ class _Release:
 
     label: str
 
-    def __init__(self, refs: list[ShardRef], recipe_text: str | None, manifest: ShardRef) -> None:
+    def __init__(self, refs: list[ShardRef], recipe_text: str | None, manifests: dict[str, ShardRef]) -> None:
+        """`manifests`: shard name -> the manifest file that records it."""
         self.refs = {ref.name: ref for ref in refs}
-        self._manifest = manifest
+        self._manifests = manifests
         self._classes = _classes_of(recipe_text)
         self.recipe_name = (yaml.safe_load(recipe_text) or {}).get("name") if recipe_text else None
 
@@ -130,8 +132,8 @@ class _Release:
     def classes(self) -> tuple[str, ...] | None:
         return self._classes
 
-    def manifest_ref(self) -> ShardRef:
-        return self._manifest
+    def manifest_ref(self, shard: str) -> ShardRef:
+        return self._manifests[shard]
 
     def schedule(self, names: Sequence[str], consumer: int, consumers: int, order: random.Random | None) -> Iterator[Assignment]:
         ordered = list(names)
@@ -148,17 +150,24 @@ class ReleaseDirectory(_Release):
 
     def __init__(self, path: Path) -> None:
         recipe = path / "recipe.yaml"
-        if not (path / MANIFEST).is_file():
-            raise LoaderError(f"release directory {path} has no {MANIFEST}: nothing to check its shards against")
+        if not has_manifest(path):
+            raise LoaderError(
+                f"release directory {path} has no manifest ({MANIFEST_DIR}/ or {LEGACY_MANIFEST}): nothing to check its shards against"
+            )
+        shards = sorted((path / SHARDS_DIR).glob("*.tar"))
+        records = {shard.name: manifest_file(path, shard.name) for shard in shards}
         super().__init__(
-            [ShardRef(p.name, str(p)) for p in sorted((path / SHARDS_DIR).glob("*.tar"))],
+            [ShardRef(shard.name, str(shard)) for shard in shards],
             recipe.read_text() if recipe.exists() else None,
-            ShardRef(MANIFEST, str(path / MANIFEST)),
+            {name: ShardRef(record.relative_to(path).as_posix(), str(record)) for name, record in records.items()},
         )
         self.label = str(path)
 
     def open(self, ref: ShardRef) -> tuple[BinaryIO, Origin]:
-        return open(ref.location, "rb"), "source"
+        try:
+            return open(ref.location, "rb"), "source"
+        except FileNotFoundError:
+            raise LoaderError(f"{ref.name} of {self.label} is missing") from None
 
     def drop_copy(self, ref: ShardRef, stream: BinaryIO) -> None:
         raise AssertionError("a release directory is read in place: it has no copies")
@@ -186,23 +195,34 @@ class DvcRelease(_Release):
             listing = self._listing()
             if saved:
                 atomic_write_json(saved, {"listing": listing, "sha256": _listing_digest(listing)})
-        manifest = listing["manifest_md5"]
         refs = [ShardRef(name, f"data/{dataset}/{SHARDS_DIR}/{name}", cache_key=md5, md5=md5) for name, md5 in listing["shards"]]
-        super().__init__(refs, listing["recipe"], ShardRef(MANIFEST, f"data/{dataset}/{MANIFEST}", cache_key=manifest, md5=manifest))
+        records = listing["manifest"]
+        partitioned = LEGACY_MANIFEST not in records
+        manifests = {}
+        for ref in refs:
+            record = manifest_record(ref.name, partitioned)
+            md5 = records.get(record)  # none: the shard has no partition, and reading it says so
+            manifests[ref.name] = ShardRef(record, f"data/{dataset}/{record}", cache_key=md5, md5=md5)
+        super().__init__(refs, listing["recipe"], manifests)
 
     def _listing(self) -> dict[str, Any]:
-        """The shards (name, md5), the manifest's md5 and the recipe at the tag, from DVC
-        (its index keeps the `.dir` listing, so a warm restart needs no S3)."""
-        shards_path, manifest_path = f"data/{self.dataset}/{SHARDS_DIR}", f"data/{self.dataset}/{MANIFEST}"
+        """The shards (name, md5), the md5 of each manifest file (its partitions, or a legacy
+        release's single file) and the recipe at the tag, from DVC (its index keeps the
+        `.dir` listings, so a warm restart needs no S3)."""
+        release = f"data/{self.dataset}"
+        shards_path, partitions_path = f"{release}/{SHARDS_DIR}", f"{release}/{MANIFEST_DIR}"
         with self._remote_errors(shards_path):
             found = self._fs().ls(shards_path, detail=True)
-            manifest_md5 = self._fs().info(manifest_path)["md5"]
+            if self._fs().isdir(partitions_path):
+                records = {f"{MANIFEST_DIR}/{Path(e['name']).name}": e["md5"] for e in self._fs().ls(partitions_path, detail=True)}
+            else:
+                records = {LEGACY_MANIFEST: self._fs().info(f"{release}/{LEGACY_MANIFEST}")["md5"]}
         try:
-            recipe_text = self._fs().read_text(f"data/{self.dataset}/recipe.yaml")
+            recipe_text = self._fs().read_text(f"{release}/recipe.yaml")
         except FileNotFoundError:
             recipe_text = None
         shards = [[Path(e["name"]).name, e["md5"]] for e in sorted(found, key=lambda e: e["name"]) if e["name"].endswith(".tar")]
-        return {"shards": shards, "manifest_md5": manifest_md5, "recipe": recipe_text}
+        return {"shards": shards, "manifest": records, "recipe": recipe_text}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs_pid": None}  # DataLoader workers open their own
@@ -280,10 +300,12 @@ def _listing_digest(listing: dict[str, Any]) -> str:
 
 
 def _read_listing(path: Path) -> dict[str, Any] | None:
-    """A saved listing, if it is there and intact (else it is made again)."""
+    """A saved listing, if it is there, intact and names the manifest's files (one saved
+    before the manifest was partitioned has only `manifest_md5`); else it is made again."""
     try:
         saved = json.loads(path.read_text())
-        return saved["listing"] if _listing_digest(saved["listing"]) == saved["sha256"] else None
+        intact = _listing_digest(saved["listing"]) == saved["sha256"]
+        return saved["listing"] if intact and "manifest" in saved["listing"] else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -341,7 +363,7 @@ class LiveRun:
         except FileNotFoundError:
             raise LoaderError(f"shard {ref.name} of {self.label} is gone from {ref.location}") from None
 
-    def manifest_ref(self) -> None:
+    def manifest_ref(self, shard: str) -> None:
         return None  # each feed entry names its shard's manifest fragment
 
     def drop_copy(self, ref: ShardRef, stream: BinaryIO) -> None:

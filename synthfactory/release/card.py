@@ -83,7 +83,8 @@ def render_card(
 
 - {metrics["samples"]} samples in {metrics.get("shards", "?")} WebDataset shards (`shards/*.tar`,
   members `<key>.png|jpg`, `<key>.json`, `<key>.txt`)
-- `manifest.parquet`: one row per sample (key, shard, caption, labels, generator, seed, sha256 of the payload)
+- `manifest/*.parquet`: one row per sample (key, shard, caption, labels, generator, seed, sha256 of the payload),
+  one Parquet file per shard, named like it (`pyarrow.parquet.read_table("manifest")` reads them all)
 - `rejected.parquet`: {metrics["rejected"]} planned samples that were rejected, with the reason
   (`rejected/*.tar` keeps the samples a check refused)
 - `metrics.json`: the figures `dvc metrics diff` compares between releases

@@ -17,7 +17,7 @@ from synthfactory.release.card import render_card
 from synthfactory.release.job import ReleaseJob
 from synthfactory.release.report import render_report
 from synthfactory.release.summary import Staged
-from synthfactory.shards import CORE_COLUMNS
+from synthfactory.shards import CORE_COLUMNS, read_manifest
 from synthfactory.validation import GateResult, GateSpec, ShareRule, quality_row, validate_staged
 
 
@@ -48,7 +48,7 @@ def validate(job: ReleaseJob, staged: Staged) -> GateResult:
     """Run the GX gate on the staged manifest; write metrics (with the verdict), card,
     report and recipe beside it."""
     spec = dataclasses.replace(gate_spec(job.recipe), metric_limits=staged.quality.limits)
-    gate = validate_staged(job.stage_dir / "manifest.parquet", spec, job.stage_dir / "validation",
+    gate = validate_staged(job.stage_dir, spec, job.stage_dir / "validation",
                            quality_row(staged.quality.metrics))
     crash_point("validate")
     metrics = {**staged.metrics,
@@ -59,7 +59,7 @@ def validate(job: ReleaseJob, staged: Staged) -> GateResult:
     card = render_card(job.recipe, metrics, verdict, job.code_files, job.inputs_fingerprint,
                        plugins.image_size() is not None, plugins.models(), plugins.origins())
     atomic_write(job.stage_dir / "README.md", card)
-    render_report(job.stage_dir, job.recipe.name, pq.read_table(job.stage_dir / "manifest.parquet"),
+    render_report(job.stage_dir, job.recipe.name, read_manifest(job.stage_dir),
                   pq.read_table(job.stage_dir / "rejected.parquet"),
                   metrics, staged.quality, verdict)
     atomic_write(job.stage_dir / "recipe.yaml", job.recipe.to_yaml())

@@ -1,12 +1,15 @@
 """Staging a release: the run's shards linked into the work dir, their fragments merged
-into the manifest, the dataset-level checks run (which may set samples aside), and the
-figures `dvc metrics diff` compares between releases."""
+into the manifest, the dataset-level checks run (which may set samples aside), the
+manifest written as one partition per shard, and the figures `dvc metrics diff`
+compares between releases."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,12 +30,25 @@ from synthfactory.release.lineage import DIVERSITY_CHECK, trace_lineage
 from synthfactory.release.cost import cost_usd
 from synthfactory.release.shard_cache import ShardCache
 from synthfactory.release.summary import Quality, RunStats, Staged
-from synthfactory.shards import REJECTED_DIR, REJECTED_SCHEMA, SAMPLE_ID_COLUMNS, fragment_path, parquet_bytes, set_aside
+from synthfactory.shards import (
+    LEGACY_MANIFEST,
+    MANIFEST_DIR,
+    REJECTED_DIR,
+    REJECTED_SCHEMA,
+    SAMPLE_ID_COLUMNS,
+    fragment_path,
+    has_manifest,
+    manifest_record,
+    parquet_bytes,
+    read_manifest,
+    set_aside,
+)
 from synthfactory.storage import StorageError
 
 
 def stage(job: ReleaseJob, results: list[ShardResult], run: RunStats) -> Staged:
-    """Merge shard fragments, run the dataset-level checks, write the staged manifest."""
+    """Merge shard fragments, run the dataset-level checks, write the staged manifest
+    (one partition per shard) and rejected.parquet."""
     for result in results:
         job.cache.link_into(result.key, result.name, job.stage_dir)
     manifest, rejected = assemble(job.cache, job.plugins.schema, results)
@@ -47,7 +63,7 @@ def stage(job: ReleaseJob, results: list[ShardResult], run: RunStats) -> Staged:
         notes=(*quality.notes, *(f"lineage: {note}" for note in lineage.notes)),
     )
     (job.stage_dir / REJECTED_DIR).mkdir(parents=True, exist_ok=True)  # present (maybe empty) in every release
-    atomic_write(job.stage_dir / "manifest.parquet", parquet_bytes(manifest))
+    write_partitions(job.cache, results, manifest, job.stage_dir)
     atomic_write(job.stage_dir / "rejected.parquet", parquet_bytes(rejected))
     metrics = dataset_metrics(plugins, job.recipe.samples, job.recipe.shard_count, manifest, rejected)
     metrics["run"] = run.as_dict(manifest.num_rows)
@@ -68,6 +84,34 @@ def assemble(cache: ShardCache, schema: pa.Schema, results: list[ShardResult]) -
         return pa.concat_tables(parts) if parts else kind_schema.empty_table()
 
     return merged("manifest", schema), merged("rejected", REJECTED_SCHEMA)
+
+
+def write_partitions(cache: ShardCache, results: list[ShardResult], manifest: pa.Table, stage_dir: Path) -> None:
+    """One manifest partition per shard in `stage_dir`, an empty one for a shard whose every
+    sample was refused: the shard's fragment, hard-linked from the cache, so a shard
+    reused from the last release keeps its bytes and DVC uploads nothing for it; only a
+    shard a dataset check set samples aside from gets its remaining rows of `manifest`
+    (which is in shard order) written anew."""
+    (stage_dir / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
+    kept = Counter(manifest.column("shard").to_pylist())
+    start = 0
+    for result in sorted(results, key=lambda r: r.index):
+        rows, partition = kept[result.name], stage_dir / manifest_record(result.name)
+        if rows == result.samples:
+            _link_or_copy(fragment_path(cache.entry(result.key), result.name, "manifest"), partition)
+        else:
+            atomic_write(partition, parquet_bytes(manifest.slice(start, rows)))
+        start += rows
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no copy), or a copy where links are impossible; later steps replace
+    files, never edit them, so the cache's bytes stay intact."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def judge_dataset(
@@ -159,8 +203,8 @@ def previous_release(job: ReleaseJob) -> PreviousRelease | None:
     except (OSError, json.JSONDecodeError):
         in_workspace = False
     labels = job.plugins.labels()
-    if in_workspace and (workspace / "manifest.parquet").exists():
-        data = DatasetView(pq.read_table(workspace / "manifest.parquet"), labels, workspace)
+    if in_workspace and has_manifest(workspace):
+        data = DatasetView(read_manifest(workspace), labels, workspace)
     else:
         manifest = _fetch_manifest(job, latest.tag)
         data = DatasetView(manifest, labels) if manifest is not None else None
@@ -173,14 +217,18 @@ def previous_release(job: ReleaseJob) -> PreviousRelease | None:
 
 def _fetch_manifest(job: ReleaseJob, tag: str) -> pa.Table | None:
     """The manifest of release `tag` from the DVC remote (a fresh clone has no data), so
-    cross-release dedup works in CI. None if unreachable."""
+    cross-release dedup works in CI: its partitions, or the single file of a release made
+    before the manifest was partitioned. None if unreachable."""
     try:
         storage = settings.resolve_storage()
     except StorageError:
         return None
-    target = job.work_dir / f"previous-{tag.replace('@', '-')}.parquet"
-    try:
-        dvc_get(str(job.registry.root), f"data/{job.recipe.name}/manifest.parquet", tag, target, storage)
-        return pq.read_table(target)
-    except (RegistryError, OSError):
-        return None
+    fetched = job.work_dir / f"previous-{tag.replace('@', '-')}"
+    fetched.mkdir(parents=True, exist_ok=True)
+    for name in (MANIFEST_DIR, LEGACY_MANIFEST):  # a tag has one layout or the other
+        try:
+            dvc_get(str(job.registry.root), f"data/{job.recipe.name}/{name}", tag, fetched / name, storage)
+            return read_manifest(fetched)
+        except (RegistryError, OSError):
+            continue
+    return None
