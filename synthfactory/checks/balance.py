@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from synthfactory.checks.base import CHECKS, CheckParams, DatasetCheck, DatasetView, Findings, PreviousRelease
@@ -46,6 +48,23 @@ def _values(column: list[Any]) -> list[Any]:
     return flat
 
 
+def counts(column: pa.ChunkedArray | pa.Array) -> Counter:
+    """`Counter(_values(column.to_pylist()))`, the same counts in the same (first-seen)
+    order, counted by Arrow: a million rows would otherwise be a million Python objects
+    (and lists, for a list column) at once. Types where Arrow's equality could differ from
+    Python's (floats: NaN, -0.0), and list columns with null elements, take the Python way."""
+    values, kind = column, column.type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        values, kind = pc.list_flatten(column), kind.value_type
+        if values.null_count:  # None inside a list is counted as a value: keep Python's order for it
+            return Counter(_values(column.to_pylist()))
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
+            or pa.types.is_boolean(kind)):
+        return Counter(_values(column.to_pylist()))
+    tally = pc.value_counts(pc.drop_null(values))
+    return Counter(dict(zip(tally.field("values").to_pylist(), tally.field("counts").to_pylist())))
+
+
 @CHECKS.register("balance")
 class Balance(DatasetCheck):
     Params = BalanceParams
@@ -59,15 +78,15 @@ class Balance(DatasetCheck):
         metrics: dict[str, float] = {}
         limits: dict[str, tuple[float | None, float | None]] = {}
         notes: list[str] = []
-        counts = Counter(_values(manifest.column(p.column).to_pylist())) if p.column in manifest.column_names else None
-        if counts:
-            expected = p.target or dict.fromkeys(data.labels or sorted(counts), 1.0)
-            unexpected = [label for label in counts if expected.get(label, 0) <= 0]
+        tally = counts(manifest.column(p.column)) if p.column in manifest.column_names else None
+        if tally:
+            expected = p.target or dict.fromkeys(data.labels or sorted(tally), 1.0)
+            unexpected = [label for label in tally if expected.get(label, 0) <= 0]
             metrics["unexpected_labels"] = len(unexpected)
             limits["unexpected_labels"] = (None, 0)
             if unexpected:
                 notes.append(f"{p.column} values outside the target: {', '.join(map(str, sorted(unexpected)[:5]))}")
-            judged = {label: n for label, n in counts.items() if label not in unexpected}
+            judged = {label: n for label, n in tally.items() if label not in unexpected}
             for label in expected:
                 judged.setdefault(label, 0)
             if any(judged.values()):
@@ -90,7 +109,7 @@ class Balance(DatasetCheck):
                 notes.append(f"no attribute column {attribute!r}")
                 continue
             name = f"balance_{attribute}"
-            metrics[name] = round(dv.attribute_balance(_values(manifest.column(attribute).to_pylist())), 4)
+            metrics[name] = round(dv.balance_of_counts(counts(manifest.column(attribute))), 4)
             if p.min_attribute_balance is not None:
                 limits[name] = (p.min_attribute_balance, None)
         return Findings(metrics=metrics, limits=limits, notes=notes)

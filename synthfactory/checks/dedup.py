@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from synthfactory.checks.base import (
@@ -49,6 +50,23 @@ def _hashes(manifest: pa.Table) -> tuple[list[int], np.ndarray]:
     return rows, np.array([int(column[i], 16) for i in rows], dtype=np.uint64)
 
 
+def _exact_duplicates(manifest: pa.Table) -> list[tuple[int, str]]:
+    """(row, key of the first row with the same sha256) for every row whose sha256 an
+    earlier row has, in row order. Counted by Arrow: no Python string per row."""
+    digests = manifest.column("sha256")
+    if len(digests) == 0:
+        return []
+    codes = pc.dictionary_encode(digests, null_encoding="encode").combine_chunks().indices
+    codes = codes.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    _, first_row, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    first = first_row[inverse]
+    repeats = np.flatnonzero(first != np.arange(len(codes)))
+    if not len(repeats):
+        return []
+    kept = manifest.column("key").take(pa.array(first[repeats])).to_pylist()
+    return list(zip(repeats.tolist(), kept))
+
+
 @CHECKS.register("dedup")
 class Dedup(DatasetCheck):
     Params = DedupParams
@@ -69,7 +87,16 @@ class Dedup(DatasetCheck):
     def evaluate(self, data: DatasetView, previous: PreviousRelease | None) -> Findings:
         p = self.params
         manifest = data.manifest
-        keys = manifest.column("key").to_pylist()
+        rows_total = manifest.num_rows
+        key_column = manifest.column("key")
+        every_key: list[str] = []
+
+        def all_keys() -> list[str]:
+            """Every key as a Python string, made only for the searches that index them all."""
+            if rows_total and not every_key:
+                every_key.extend(key_column.to_pylist())
+            return every_key
+
         refused: dict[int, str] = {}
         counts = {"exact": 0, "image": 0, "text": 0, "previous": 0}
 
@@ -79,17 +106,17 @@ class Dedup(DatasetCheck):
                 counts[kind] += 1
 
         if p.exact:
-            first: dict[str, int] = {}
-            for i, digest in enumerate(manifest.column("sha256").to_pylist()):
-                if digest in first:
-                    refuse(i, "exact", f"exact duplicate of {keys[first[digest]]}")
-                first.setdefault(digest, i)
-        rows, hashes = _hashes(manifest)
-        if p.image_max_distance is not None and rows:
-            pairs = nd.hash_pairs(hashes, p.image_max_distance)
-            for dropped, (kept, distance) in nd.duplicates_to_drop(len(hashes), pairs).items():
-                refuse(rows[dropped], "image", f"near-duplicate image of {keys[rows[kept]]} (pHash Hamming {distance})")
-        if p.text_min_similarity is not None and keys:
+            for i, kept_key in _exact_duplicates(manifest):
+                refuse(i, "exact", f"exact duplicate of {kept_key}")
+        if p.image_max_distance is not None:
+            rows, hashes = _hashes(manifest)
+            if rows:
+                keys = all_keys()
+                pairs = nd.hash_pairs(hashes, p.image_max_distance)
+                for dropped, (kept, distance) in nd.duplicates_to_drop(len(hashes), pairs).items():
+                    refuse(rows[dropped], "image", f"near-duplicate image of {keys[rows[kept]]} (pHash Hamming {distance})")
+        if p.text_min_similarity is not None and rows_total:
+            keys = all_keys()
             pairs = nd.similar_pairs(data.caption_embeddings, p.text_min_similarity)
             for dropped, (kept, similarity) in nd.duplicates_to_drop(len(keys), pairs).items():
                 refuse(dropped, "text", f"near-duplicate caption of {keys[kept]} (cosine {similarity:.3f})")
@@ -104,11 +131,13 @@ class Dedup(DatasetCheck):
                     "nor reachable on the DVC remote"
                 )
             else:
-                carried = self._against(data, previous, keys, refuse)
+                carried = self._against(data, previous, all_keys(), refuse)
                 if carried:
                     notes.append(f"{carried} samples carried over unchanged from {previous.tag} "
                                  "(same key and bytes, e.g. a recipe that appends samples): not duplicates")
-        rate = len(refused) / max(1, len(keys))
+        rate = len(refused) / max(1, rows_total)
+        indices = sorted(refused)
+        refused_keys = key_column.take(pa.array(indices, type=pa.int64())).to_pylist() if indices else []
         return Findings(
             metrics={
                 "duplicates_exact": counts["exact"],
@@ -118,7 +147,7 @@ class Dedup(DatasetCheck):
                 "duplicate_rate": round(rate, 4),
             },
             limits={"duplicate_rate": (None, p.max_duplicate_rate)},
-            rejected={keys[i]: reason for i, reason in sorted(refused.items())},
+            rejected={key: refused[i] for i, key in zip(indices, refused_keys)},
             notes=notes,
         )
 

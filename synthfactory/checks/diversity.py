@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from synthfactory import models
+from synthfactory.checks.balance import counts
 from synthfactory.checks.base import CHECKS, CheckParams, DatasetCheck, DatasetView, Findings, PreviousRelease
 from synthfactory.checks.dedup import IMAGE_PAYLOADS
 from synthfactory.quality import diversity as dv
@@ -47,6 +50,7 @@ class Diversity(DatasetCheck):
     version = "1"
     code = (
         "synthfactory.models",
+        "synthfactory.checks.balance",
         "synthfactory.checks.dedup",
         "synthfactory.checks.clip_score",
         "synthfactory.quality.diversity",
@@ -55,9 +59,10 @@ class Diversity(DatasetCheck):
     params: DiversityParams
 
     def evaluate(self, data: DatasetView, previous: PreviousRelease | None) -> Findings:
-        captions = data.manifest.column("caption").to_pylist()
+        captions = data.manifest.column("caption")
         chosen = self._sample(len(captions))
-        sampled = captions if chosen is None else [captions[i] for i in chosen]
+        # only the sampled captions become Python strings (not a million of them)
+        sampled = captions.to_pylist() if chosen is None else captions.take(chosen).to_pylist()
         metrics: dict[str, float] = {f"distinct_{n}": round(dv.distinct_n(sampled, n), 4) for n in (1, 2, 3)}
         if self.params.embeddings and len(captions) > 1:
             embeddings = self._embeddings(data, sampled, chosen)
@@ -72,11 +77,11 @@ class Diversity(DatasetCheck):
                 notes.append("image Vendi score skipped: fewer than 2 images")
         columns = data.manifest.column_names
         if "label" in columns and data.manifest.num_rows:
-            counts = Counter(data.manifest.column("label").to_pylist())
-            metrics["label_entropy"] = round(dv.label_entropy(counts, data.labels), 4)
-            metrics["label_coverage"] = round(dv.coverage(counts, data.labels or sorted(counts)), 4)
+            labels = _tally(data.manifest.column("label"))
+            metrics["label_entropy"] = round(dv.label_entropy(labels, data.labels), 4)
+            metrics["label_coverage"] = round(dv.coverage(labels, data.labels or sorted(labels)), 4)
         if "concept" in columns:
-            concepts = Counter(data.manifest.column("concept").to_pylist())
+            concepts = _tally(data.manifest.column("concept"))
             metrics["concept_entropy"] = round(dv.label_entropy(concepts), 4)
             metrics["concepts"] = len(concepts)
         limits = {name: (floor, None) for name, floor in self.params.floors.items()}
@@ -129,6 +134,23 @@ class Diversity(DatasetCheck):
         if "caption_embeddings" in vars(data):  # another check already embedded every caption
             return data.caption_embeddings if chosen is None else data.caption_embeddings[chosen]
         return embed_texts(sampled)
+
+
+def _tally(column: pa.ChunkedArray) -> Counter:
+    """`Counter(column.to_pylist())`, None counted too, in the same order: counted by Arrow
+    for string, integer and boolean columns (no Python object per row), else by Python."""
+    kind = column.type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
+            or pa.types.is_boolean(kind)):
+        return Counter(column.to_pylist())
+    found = counts(column)  # every value but None, in first-seen order
+    if not column.null_count:
+        return found
+    first_null = pc.index(pc.is_null(column), True).as_py()  # None goes in at its first row
+    tally = Counter({**counts(column.slice(0, first_null)), None: column.null_count})
+    for value, count in found.items():
+        tally[value] = count
+    return tally
 
 
 def _previous_figures(previous: PreviousRelease | None, check: str) -> dict[str, Any]:

@@ -173,9 +173,14 @@ def attribute_balance(values: Sequence[Any]) -> float:
     values are ignored; values must be hashable. Returns 0.0 for a column with fewer than two
     distinct values, which is what a collapsed column looks like.
     """
-    tally = Counter(value for value in values if value is not None)
-    total = sum(tally.values())
-    return _normalised_entropy([count / total for count in tally.values()])
+    return balance_of_counts(Counter(value for value in values if value is not None))
+
+
+def balance_of_counts(counts: Mapping[Any, int]) -> float:
+    """`attribute_balance` of the values tallied in `counts` (a None key is not a value)."""
+    tally = [count for value, count in counts.items() if value is not None]
+    total = sum(tally)
+    return _normalised_entropy([count / total for count in tally])
 
 
 def chance_kl(significance: float, categories: int, rows: int) -> float:
