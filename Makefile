@@ -38,6 +38,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/served_throughput.py
 	$(BIN)/python bench/rollout_throughput.py
 	$(BIN)/python bench/digits_utility.py
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/summary.py
 
 s3-start: $(STAMP)
 	$(BIN)/synthfactory s3 start
