@@ -13,13 +13,16 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from synthfactory.checks.balance import counts
 from synthfactory.files import atomic_write
 from synthfactory.release.cost import describe_usage
 from synthfactory.release.summary import Limit, Quality, RunStats, RunSummary
@@ -131,11 +134,11 @@ def _filmstrip(data: bytes, clip_format: str) -> bytes | None:
 def _grid(stage_dir: Path, manifest: pa.Table) -> str:
     """The first samples of the first shard, image or clip filmstrip (if any) and caption."""
     shards = sorted((stage_dir / SHARDS_DIR).glob("*.tar"))
-    captions = dict(zip(manifest.column("key").to_pylist(), manifest.column("caption").to_pylist()))
+    samples = list(itertools.islice(read_shard(shards[0]), GRID_SAMPLES)) if shards else []
+    shown = manifest.filter(pc.is_in(manifest.column("key"), value_set=pa.array([key for key, _ in samples])))
+    captions = dict(zip(shown.column("key").to_pylist(), shown.column("caption").to_pylist()))  # not a million of them
     cells = []
-    for key, files in read_shard(shards[0]) if shards else []:
-        if len(cells) == GRID_SAMPLES:
-            break
+    for key, files in samples:
         image = next((ext for ext in IMAGE_TYPES if ext in files), None)
         clip = next((member for member in CLIP_MEMBER.values() if member in files), None)  # the sample's own clip
         strip = _filmstrip(files[clip], clip_format_of(clip)) if clip and not image else None
@@ -210,7 +213,7 @@ def render_report(
     for column, title in (("label", "labels"), ("origin", "origin"), ("source", "sources"),
                           ("concept_source", "concept sources"), ("concept", "concepts (top 25)"), ("template", "templates")):
         if column in manifest.column_names:
-            plots.append(_bar(title, Counter(v for v in manifest.column(column).to_pylist() if v is not None)))
+            plots.append(_bar(title, counts(manifest.column(column))))
     if "clip_score" in manifest.column_names and manifest.num_rows:
         plots.append(_histogram("CLIP score", manifest.column("clip_score").to_pylist()))
     if plots:

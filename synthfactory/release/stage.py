@@ -21,6 +21,7 @@ import yaml
 
 from synthfactory import settings
 from synthfactory.checks import DatasetView, PreviousRelease
+from synthfactory.checks.balance import counts
 from synthfactory.files import atomic_write
 from synthfactory.registry import RegistryError, dvc_get
 from synthfactory.release.build import ShardResult
@@ -93,7 +94,7 @@ def write_partitions(cache: ShardCache, results: list[ShardResult], manifest: pa
     shard a dataset check set samples aside from gets its remaining rows of `manifest`
     (which is in shard order) written anew."""
     (stage_dir / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
-    kept = Counter(manifest.column("shard").to_pylist())
+    kept = counts(manifest.column("shard"))
     start = 0
     for result in sorted(results, key=lambda r: r.index):
         rows, partition = kept[result.name], stage_dir / manifest_record(result.name)
@@ -179,14 +180,14 @@ def dataset_metrics(
         "distinct_caption_ratio": round(pc.count_distinct(captions).as_py() / max(1, manifest.num_rows), 4),
     }
     if labels and "label" in manifest.column_names:
-        counts = Counter(manifest.column("label").to_pylist())
-        total = sum(counts.values()) or 1
-        shares = {label: counts.get(label, 0) / total for label in sorted({*labels, *counts})}
+        tally = counts(manifest.column("label"))
+        total = sum(tally.values()) or 1
+        shares = {label: tally.get(label, 0) / total for label in sorted({*labels, *tally})}
         entropy = -sum(s * math.log(s) for s in shares.values() if s > 0)
         metrics["label_entropy_norm"] = round(entropy / math.log(len(shares)), 4) if len(shares) > 1 else 0.0
         metrics["label_share_min"] = round(min(shares.values()), 4)
         metrics["label_share_max"] = round(max(shares.values()), 4)
-        metrics["labels"] = {label: counts.get(label, 0) for label in shares}
+        metrics["labels"] = {label: tally.get(label, 0) for label in shares}
     return metrics
 
 
