@@ -124,7 +124,7 @@ def ensure_local_api() -> tuple[str, bool]:
         log = home / LOG
         offset = log.stat().st_size if log.exists() else 0
         pid = spawn_detached(
-            [sys.executable, "-m", "synthfactory.local_api", "--port", str(port), "--idle-exit", str(IDLE_EXIT_S)],
+            [sys.executable, "-P", "-m", "synthfactory.local_api", "--port", str(port), "--idle-exit", str(IDLE_EXIT_S)],
             log, env, home,
         )
         record(api_url, pid, "run", home)

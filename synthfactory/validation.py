@@ -137,7 +137,8 @@ class GateProcess:
 
     def __init__(self) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "synthfactory.validation"],
+            # -P: the installed code, never the copy a registry checkout in the cwd may hold
+            [sys.executable, "-P", "-m", "synthfactory.validation"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         atexit.register(self.close)
