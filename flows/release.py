@@ -184,7 +184,7 @@ def generate_shards(job: ReleaseJob, workers: ShardWorkers, early_push: EarlyPus
     in_flight: dict[Any, Any] = {}
     results: list[ShardResult] = []
     try:
-        with ThreadPoolTaskRunner(max_workers=workers.slots) as runner, \
+        with ThreadPoolTaskRunner(max_workers=workers.in_flight) as runner, \
                 ShardProgress(job.recipe.name, len(pending)) as progress:
             while pending or in_flight:
                 while pending and not feed.must_wait(len(in_flight)):

@@ -110,6 +110,13 @@ class ShardWorkers:
 
         return cls(client.get_executor(pure=False), slots, f"{where} ({slots} worker threads)", close)
 
+    @property
+    def in_flight(self) -> int:
+        """Shards to hand out at once: with workers in other processes, one queued behind
+        each running shard, so a worker starts its next shard the moment it finishes one
+        instead of idling through the task bookkeeping of the flow host."""
+        return self.slots * 2 if self._executor is not None else self.slots
+
     def build(self, recipe: Recipe, plan: ShardPlan, cache: ShardCache, key: str, attempt: int) -> ShardResult:
         if self._executor is None:  # threads: records reach the run's logs directly
             started = time.thread_time()
