@@ -23,7 +23,6 @@ from typing import Annotated, Any, NoReturn
 from prefect import flow, get_run_logger
 from pydantic import Field
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed
 from prefect.context import refresh_global_settings_context
 from prefect.exceptions import CancelledRun, FailedRun
 from prefect.settings import PREFECT_API_URL

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,16 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str | None:
             return hashlib.file_digest(handle, algorithm).hexdigest()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Put `source`'s bytes at `target`: a hard link (no copy), or a copy where links are
+    impossible. Later steps replace such files, never edit them, so the source stays intact."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 #: how a full disk reads in a child tool's output (DVC, git), where no errno survives

@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from synthfactory.files import file_digest, fsync_dir, fsync_tree
+from synthfactory.files import file_digest, fsync_dir, fsync_tree, link_or_copy
 from synthfactory.shards import REJECTED_DIR, SHARDS_DIR, fragment_path
 
 RESULT_FILE = "result.json"
@@ -101,11 +101,7 @@ class ShardCache:
             if f"{sub}/{name}" in result["files"]:
                 target = stage_dir / sub / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.unlink(missing_ok=True)
-                try:
-                    os.link(source, target)
-                except OSError:
-                    shutil.copyfile(source, target)
+                link_or_copy(source, target)
 
     def prune(self, keep: set[str]) -> int:
         """Remove entries (and abandoned staging dirs) not in `keep`; returns how many.

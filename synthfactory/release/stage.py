@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import yaml
 from synthfactory import settings
 from synthfactory.checks import DatasetView, PreviousRelease
 from synthfactory.checks.balance import counts
-from synthfactory.files import atomic_write
+from synthfactory.files import atomic_write, link_or_copy
 from synthfactory.registry import RegistryError, dvc_get
 from synthfactory.release.build import ShardResult
 from synthfactory.release.bundle import PluginBundle
@@ -99,20 +97,10 @@ def write_partitions(cache: ShardCache, results: list[ShardResult], manifest: pa
     for result in sorted(results, key=lambda r: r.index):
         rows, partition = kept[result.name], stage_dir / manifest_record(result.name)
         if rows == result.samples:
-            _link_or_copy(fragment_path(cache.entry(result.key), result.name, "manifest"), partition)
+            link_or_copy(fragment_path(cache.entry(result.key), result.name, "manifest"), partition)
         else:
             atomic_write(partition, parquet_bytes(manifest.slice(start, rows)))
         start += rows
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link (no copy), or a copy where links are impossible; later steps replace
-    files, never edit them, so the cache's bytes stay intact."""
-    target.unlink(missing_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def judge_dataset(
