@@ -135,7 +135,7 @@ def _grid(stage_dir: Path, manifest: pa.Table) -> str:
     """The first samples of the first shard, image or clip filmstrip (if any) and caption."""
     shards = sorted((stage_dir / SHARDS_DIR).glob("*.tar"))
     samples = list(itertools.islice(read_shard(shards[0]), GRID_SAMPLES)) if shards else []
-    shown = manifest.filter(pc.is_in(manifest.column("key"), value_set=pa.array([key for key, _ in samples])))
+    shown = manifest.filter(pc.is_in(manifest.column("key"), value_set=pa.array([key for key, _ in samples], type=manifest.column("key").type)))
     captions = dict(zip(shown.column("key").to_pylist(), shown.column("caption").to_pylist()))  # not a million of them
     cells = []
     for key, files in samples:
