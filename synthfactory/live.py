@@ -73,16 +73,24 @@ class Feed:
 
 
 def read_feed(registry_root: Path, dataset: str) -> Feed | None:
-    """The current feed of `dataset`, or None when no run has published one."""
+    """The current feed of `dataset`, or None when no run has published one. A running
+    feed whose writer lock is free is read once more before it is called killed: the run
+    may have closed it (saved, then unlocked) between the first read and the lock check."""
+    feed = _load_feed(registry_root, dataset)
+    if feed is not None and not feed.done and not flock_held(live_dir(registry_root, dataset) / WRITER_LOCK):
+        feed = _load_feed(registry_root, dataset)
+        if feed is not None and not feed.done:
+            feed.state, feed.message = "failed", KILLED
+    return feed
+
+
+def _load_feed(registry_root: Path, dataset: str) -> Feed | None:
     try:
         raw = json.loads((live_dir(registry_root, dataset) / FEED_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     raw["shards"] = [FeedShard(**entry) for entry in raw["shards"]]
-    feed = Feed(**raw)
-    if not feed.done and not flock_held(live_dir(registry_root, dataset) / WRITER_LOCK):
-        feed.state, feed.message = "failed", KILLED
-    return feed
+    return Feed(**raw)
 
 
 class FeedWriter:

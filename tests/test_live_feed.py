@@ -109,3 +109,19 @@ def test_a_reader_following_a_killed_run_fails_at_once_not_after_its_timeout(tmp
     again = FeedWriter(tmp_path, "ds", 4)  # the rerun takes the feed over
     again.close("finished")
     assert read_feed(tmp_path, "ds").state == "finished"
+
+
+def test_a_feed_closed_between_the_read_and_the_lock_check_is_not_called_killed(tmp_path, monkeypatch):
+    """The run saves "finished", then unlocks: a reader that read "running" just before
+    and checks the lock just after must not report the run as killed (seen under load)."""
+    from synthfactory import live
+
+    writer = live.FeedWriter(tmp_path, "racy", total_shards=1)
+
+    def closed_meanwhile(path):
+        writer.close("finished")
+        return False
+
+    monkeypatch.setattr(live, "flock_held", closed_meanwhile)
+    feed = live.read_feed(tmp_path, "racy")
+    assert (feed.state, feed.message) == ("finished", "")
