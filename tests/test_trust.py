@@ -214,12 +214,12 @@ def test_a_dvc_child_holds_the_runs_locks_until_it_exits(tmp_path):
 
 def test_a_permission_problem_is_one_line_naming_the_path_exit_2(tmp_path, monkeypatch):
     """(Root here reads and writes everything, so the denial is raised where the run starts.)"""
-    import flows.release
+    import synthfactory.release.job
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "/srv/registry/.synthfactory")
 
-    monkeypatch.setattr(flows.release, "run_release", denied)
+    monkeypatch.setattr(synthfactory.release.job, "prepare_started", denied)
     result = CliRunner().invoke(app, ["run", str(text_recipe(tmp_path, "prompts.txt")), "--registry", str(tmp_path / "r")])
     assert result.exit_code == 2, result.output
     assert "permission denied: /srv/registry/.synthfactory" in result.output and "Traceback" not in result.output
