@@ -666,6 +666,15 @@ def _free(device: str) -> None:
 # --- report --------------------------------------------------------------------------------------
 
 
+def _measured(rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The rows that ran; a row that failed is printed as its first error line."""
+    for row in rows:
+        if "error" in row:
+            print(f"{row['setting']:28s} failed: {row['error'].splitlines()[0][:200]}")
+        else:
+            yield row
+
+
 def print_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
     size = f"{args.resolution}x{args.resolution}"
     models = "tiny models" if args.tiny else "SD 1.5 / Llama-2-7B-sized"
@@ -680,10 +689,7 @@ def print_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
               "channels_last/compile as the row says; fac-ser: overlap_encoding off")
         print(f"{'setting':28s} {'bare':>8s} {'bare+ovl':>9s} {'factory':>8s} {'fac-ser':>8s} {'ratio':>6s} "
               f"{'ser rat':>7s} {'PNG ms':>7s} {'PNG kB':>7s}  attention")
-        for row in img["rows"]:
-            if "error" in row:
-                print(f"{row['setting']:28s} failed: {row['error'].splitlines()[0][:200]}")
-                continue
+        for row in _measured(img["rows"]):
             m = row["median"]
             factory = f"{m['factory']:8.2f}" if "factory" in m else f"{'n/a':>8s}"
             serial = f"{m['factory serial']:8.2f}" if "factory serial" in m else f"{'n/a':>8s}"
@@ -713,10 +719,7 @@ def print_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
               "temperature and top-p")
         print(f"{'setting':28s} {'bare grd':>9s} {'fac grd':>9s} {'ratio':>6s} {'bare smp':>9s} {'fac smp':>9s} "
               f"{'ratio':>6s} {'prompt tok':>10s}")
-        for row in tok["rows"]:
-            if "error" in row:
-                print(f"{row['setting']:28s} failed: {row['error'].splitlines()[0][:200]}")
-                continue
+        for row in _measured(tok["rows"]):
             m = row["median"]
             flag = "  ok" if min(row["ratio_greedy"], row["ratio_sampled"]) >= TARGET else "  BELOW TARGET"
             print(f"{row['setting']:28s} {m['bare greedy']:9.1f} {m['factory greedy']:9.1f} {row['ratio_greedy']:6.3f} "

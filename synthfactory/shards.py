@@ -384,10 +384,6 @@ class ManifestIndex:
             bounds = (stats.min, stats.max) if stats is not None and stats.has_min_max else None
             self._groups.append((group, bounds))
 
-    def shards(self) -> set[str]:
-        """Every shard the manifest names."""
-        return set(self._file.read(columns=["shard"]).column("shard").to_pylist())
-
     def samples(self, shard: str) -> list[ExpectedSample]:
         """The samples the release has in `shard`, in shard order."""
         groups = [g for g, bounds in self._groups if bounds is None or bounds[0] <= shard <= bounds[1]]

@@ -246,6 +246,11 @@ def minio_client(
         raise StorageError(f"invalid S3 settings for {cfg.location}: {exc}") from None
 
 
+def dvc_object_key(cfg: StorageConfig, md5: str) -> str:
+    """Where DVC 3 keeps a file of this md5 under the remote (files/md5/<2>/<30>)."""
+    return "/".join(filter(None, (cfg.prefix, "files", "md5", md5[:2], md5[2:])))
+
+
 def ensure_bucket(cfg: StorageConfig) -> None:
     """Create the bucket if missing, then prove write access by putting and removing a
     tiny probe object under the prefix, so a release fails before any work is done."""

@@ -15,7 +15,6 @@ import pytest
 
 from synthfactory.checks import CHECKS, DatasetView
 from synthfactory.checks.balance import _values, counts
-from synthfactory.checks.diversity import _tally
 from synthfactory.quality import diversity as dv
 
 WORDS = ["red", "green", "blue", "amber", "teal"]
@@ -63,14 +62,14 @@ def test_counts_are_the_python_counts_in_the_same_order(seed: int, name: str) ->
         assert list(got.items()) == list(Counter(_values(rows)).items())
         assert dv.balance_of_counts(got) == dv.attribute_balance(values)
     if not name.startswith("lists"):
-        assert comparable(_tally(column)) == comparable(Counter(column.to_pylist()))
+        assert comparable(counts(column, keep_null=True)) == comparable(Counter(column.to_pylist()))
 
 
 def test_tally_puts_none_where_counter_does() -> None:
     rows = ["b", "a", None, "c", "a", None, "b"]
-    assert list(_tally(chunked(rows, pa.string(), (2, 4))).items()) == list(Counter(rows).items())
-    assert list(_tally(pa.chunked_array([[None, "x"]])).items()) == [(None, 1), ("x", 1)]
-    assert _tally(pa.chunked_array([], type=pa.string())) == Counter()
+    assert list(counts(chunked(rows, pa.string(), (2, 4)), keep_null=True).items()) == list(Counter(rows).items())
+    assert list(counts(pa.chunked_array([[None, "x"]]), keep_null=True).items()) == [(None, 1), ("x", 1)]
+    assert counts(pa.chunked_array([], type=pa.string()), keep_null=True) == Counter()
 
 
 def test_exact_dedup_refuses_every_repeat_naming_the_first_across_chunks() -> None:

@@ -14,11 +14,10 @@ from flows.release import run_release
 from synthfactory.registry import DataRegistry, dvc_executable
 from synthfactory.release.build import ShardFailedError
 from synthfactory.files import file_digest
-from synthfactory.release.early_push import dvc_object_key
 from synthfactory.release.gate import GateFailedError
 from synthfactory.release.verify import verify_release
 from synthfactory.shards import read_manifest
-from synthfactory.storage import StorageConfig, StorageError, minio_client
+from synthfactory.storage import StorageConfig, StorageError, dvc_object_key, minio_client
 
 pytestmark = pytest.mark.slow
 

@@ -14,11 +14,11 @@ from conftest import write_recipe
 from flows.release import run_release
 from synthfactory.files import file_digest
 from synthfactory.recipe import load_recipe
-from synthfactory.release.early_push import EarlyPush, dvc_object_key
+from synthfactory.release.early_push import EarlyPush
 from synthfactory.release.shard_cache import ShardCache
 from synthfactory.release.workers import ShardWorkers
 from synthfactory.shards import plan_shards
-from synthfactory.storage import minio_client
+from synthfactory.storage import dvc_object_key, minio_client
 
 
 def test_what_a_shard_worker_imports_leaves_prefect_gx_and_dvc_out():

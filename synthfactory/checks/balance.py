@@ -48,11 +48,12 @@ def _values(column: list[Any]) -> list[Any]:
     return flat
 
 
-def counts(column: pa.ChunkedArray | pa.Array) -> Counter:
+def counts(column: pa.ChunkedArray | pa.Array, keep_null: bool = False) -> Counter:
     """`Counter(_values(column.to_pylist()))`, the same counts in the same (first-seen)
     order, counted by Arrow: a million rows would otherwise be a million Python objects
     (and lists, for a list column) at once. Types where Arrow's equality could differ from
-    Python's (floats: NaN, -0.0), and list columns with null elements, take the Python way."""
+    Python's (floats: NaN, -0.0), and list columns with null elements, take the Python way.
+    `keep_null` counts None too, as `Counter(column.to_pylist())` does (flat columns)."""
     values, kind = column, column.type
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         values, kind = pc.list_flatten(column), kind.value_type
@@ -60,8 +61,8 @@ def counts(column: pa.ChunkedArray | pa.Array) -> Counter:
             return Counter(_values(column.to_pylist()))
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
             or pa.types.is_boolean(kind)):
-        return Counter(_values(column.to_pylist()))
-    tally = pc.value_counts(pc.drop_null(values))
+        return Counter(column.to_pylist() if keep_null else _values(column.to_pylist()))
+    tally = pc.value_counts(values if keep_null else pc.drop_null(values))
     return Counter(dict(zip(tally.field("values").to_pylist(), tally.field("counts").to_pylist())))
 
 

@@ -9,11 +9,8 @@ self-similarity) fails the gate. Absolute floors can be set for a first release.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from synthfactory import models
@@ -77,11 +74,11 @@ class Diversity(DatasetCheck):
                 notes.append("image Vendi score skipped: fewer than 2 images")
         columns = data.manifest.column_names
         if "label" in columns and data.manifest.num_rows:
-            labels = _tally(data.manifest.column("label"))
+            labels = counts(data.manifest.column("label"), keep_null=True)
             metrics["label_entropy"] = round(dv.label_entropy(labels, data.labels), 4)
             metrics["label_coverage"] = round(dv.coverage(labels, data.labels or sorted(labels)), 4)
         if "concept" in columns:
-            concepts = _tally(data.manifest.column("concept"))
+            concepts = counts(data.manifest.column("concept"), keep_null=True)
             metrics["concept_entropy"] = round(dv.label_entropy(concepts), 4)
             metrics["concepts"] = len(concepts)
         limits = {name: (floor, None) for name, floor in self.params.floors.items()}
@@ -134,23 +131,6 @@ class Diversity(DatasetCheck):
         if "caption_embeddings" in vars(data):  # another check already embedded every caption
             return data.caption_embeddings if chosen is None else data.caption_embeddings[chosen]
         return embed_texts(sampled)
-
-
-def _tally(column: pa.ChunkedArray) -> Counter:
-    """`Counter(column.to_pylist())`, None counted too, in the same order: counted by Arrow
-    for string, integer and boolean columns (no Python object per row), else by Python."""
-    kind = column.type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
-            or pa.types.is_boolean(kind)):
-        return Counter(column.to_pylist())
-    found = counts(column)  # every value but None, in first-seen order
-    if not column.null_count:
-        return found
-    first_null = pc.index(pc.is_null(column), True).as_py()  # None goes in at its first row
-    tally = Counter({**counts(column.slice(0, first_null)), None: column.null_count})
-    for value, count in found.items():
-        tally[value] = count
-    return tally
 
 
 def _previous_figures(previous: PreviousRelease | None, check: str) -> dict[str, Any]:

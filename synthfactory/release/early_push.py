@@ -16,14 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synthfactory.files import file_digest
-from synthfactory.storage import StorageConfig, minio_client
+from synthfactory.storage import StorageConfig, dvc_object_key, minio_client
 
 log = logging.getLogger(__name__)
-
-
-def dvc_object_key(storage: StorageConfig, md5: str) -> str:
-    """Where DVC 3 keeps a file of this md5 in the remote."""
-    return "/".join(filter(None, (storage.prefix, "files", "md5", md5[:2], md5[2:])))
 
 
 @dataclass

@@ -5,7 +5,6 @@ folder that `synthfactory server` serves next to the Prefect UI."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -14,7 +13,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from synthfactory import settings
-from synthfactory.storage import StorageConfig, minio_client
+from synthfactory.files import file_digest
+from synthfactory.storage import StorageConfig, dvc_object_key, minio_client
 
 #: how long a shared link works: SigV4's longest
 LINK_LIFETIME = timedelta(days=7)
@@ -39,8 +39,7 @@ class SharedLink:
 def share_file(storage: StorageConfig, path: Path, content_type: str, lifetime: timedelta = LINK_LIFETIME) -> SharedLink:
     """A presigned GET of the DVC object that holds `path` (a file of a pushed release,
     stored by DVC under files/md5/<md5>), served as `content_type` so browsers render it."""
-    md5 = hashlib.md5(path.read_bytes()).hexdigest()
-    key = "/".join(filter(None, (storage.prefix, "files", "md5", md5[:2], md5[2:])))
+    key = dvc_object_key(storage, file_digest(path, "md5"))
     url = minio_client(storage).presigned_get_object(
         storage.bucket, key, expires=lifetime, response_headers={"response-content-type": content_type}
     )

@@ -97,7 +97,7 @@ def write_partitions(cache: ShardCache, results: list[ShardResult], manifest: pa
     for result in sorted(results, key=lambda r: r.index):
         rows, partition = kept[result.name], stage_dir / manifest_record(result.name)
         if rows == result.samples:
-            link_or_copy(fragment_path(cache.entry(result.key), result.name, "manifest"), partition)
+            link_or_copy(cache.shard_files(result.key, result.name)[1], partition)
         else:
             atomic_write(partition, parquet_bytes(manifest.slice(start, rows)))
         start += rows

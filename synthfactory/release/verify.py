@@ -19,6 +19,7 @@ def verify_release(release_dir: Path) -> tuple[int, list[str]]:
         return 0, [f"{MANIFEST_DAMAGED}: {exc}"]
     on_disk = {path.name: path for path in (release_dir / SHARDS_DIR).glob("*.tar")}
     problems, checked = [], 0
+    indexes: dict[Path, ManifestIndex] = {}  # one per file: a legacy release's single file is opened once
     for name in sorted(listed | set(on_disk)):
         if name not in on_disk:
             problems.append(f"{name}: in the manifest but not in {SHARDS_DIR}/")
@@ -28,7 +29,9 @@ def verify_release(release_dir: Path) -> tuple[int, list[str]]:
             problems.append(f"{name}: in {SHARDS_DIR}/ but not in the manifest")
             continue
         try:
-            expected = ManifestIndex(record).samples(name)
+            if record not in indexes:
+                indexes[record] = ManifestIndex(record)
+            expected = indexes[record].samples(name)
         except (OSError, ValueError) as exc:
             problems.append(f"{MANIFEST_DAMAGED} ({record.relative_to(release_dir)}, the record of {name}): {exc}")
             continue

@@ -27,11 +27,10 @@ from synthfactory.release.shard_cache import ShardCache
 from synthfactory.shards import ShardPlan
 
 
-def warm(recipe: Recipe) -> int:
+def warm(recipe: Recipe) -> None:
     """Runs first in each new worker: imports and builds the recipe's plug-ins (models load
     once per worker) before the first shard arrives."""
     plugins_of(recipe)
-    return os.getpid()
 
 
 class _Collected(logging.Handler):
@@ -75,7 +74,7 @@ class ShardWorkers:
         runs in the flow host: a pool would only add its start."""
         workers = execution.workers or os.cpu_count() or 1
         if execution.runner == "dask":
-            return cls._on_dask(execution, recipe)
+            return cls._on_dask(execution, recipe, workers)
         if execution.runner == "thread" or shards_to_generate <= 1:
             slots = workers if shards_to_generate > 1 else 1
             return cls(None, slots, "in this process" if slots == 1 else f"on {slots} threads")
@@ -88,7 +87,7 @@ class ShardWorkers:
                    lambda: pool.shutdown(wait=True, cancel_futures=True))
 
     @classmethod
-    def _on_dask(cls, execution: Execution, recipe: Recipe) -> ShardWorkers:
+    def _on_dask(cls, execution: Execution, recipe: Recipe, workers: int) -> ShardWorkers:
         from distributed import Client, LocalCluster
 
         cluster = None
@@ -96,7 +95,7 @@ class ShardWorkers:
             client = Client(execution.dask_address)
             where = f"on the Dask scheduler at {execution.dask_address}"
         else:
-            cluster = LocalCluster(n_workers=execution.workers or os.cpu_count() or 1, threads_per_worker=1,
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
                                    processes=True, dashboard_address=None)
             client = Client(cluster)
             where = "on a local Dask cluster"
